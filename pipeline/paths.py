@@ -1,0 +1,126 @@
+"""Every artifact path in the project is built here, and only here.
+
+Layout::
+
+    $FMX_DATA_DIR/                      (default ~/.cache/fmxcoders)
+      assets/<package>-<version>/       offline model/text packages, unpacked and verified
+      models/<model-id>/                dequantised weights + tokenizer (fast reloads)
+      cache/<key>/                      a finished activation store (StorePaths)
+      cache/<key>.incomplete/           a store being harvested (resumable)
+      cache/<key>.lock                  held while harvesting
+      runs/<key>/<coder-hash>/          a training run (RunPaths)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def data_dir() -> Path:
+    return Path(os.environ.get("FMX_DATA_DIR", Path.home() / ".cache" / "fmxcoders"))
+
+
+def assets_dir() -> Path:
+    return data_dir() / "assets"
+
+
+def models_dir() -> Path:
+    return data_dir() / "models"
+
+
+def default_cache_root() -> Path:
+    return Path(os.environ.get("FMX_CACHE_DIR", data_dir() / "cache"))
+
+
+def default_runs_root() -> Path:
+    return Path(os.environ.get("FMX_RUNS_DIR", data_dir() / "runs"))
+
+
+def store_dir(cache_root: Path, key: str) -> Path:
+    return cache_root / key
+
+
+def incomplete_store_dir(cache_root: Path, key: str) -> Path:
+    return cache_root / f"{key}.incomplete"
+
+
+def store_lock(cache_root: Path, key: str) -> Path:
+    return cache_root / f"{key}.lock"
+
+
+@dataclass(frozen=True)
+class StorePaths:
+    """Files inside one activation store directory."""
+
+    root: Path
+
+    @property
+    def activations(self) -> Path:
+        return self.root / "activations.zarr"
+
+    def array(self, hook_name: str) -> Path:
+        return self.activations / hook_name
+
+    @property
+    def tokens(self) -> Path:
+        return self.root / "tokens.parquet"
+
+    @property
+    def documents(self) -> Path:
+        return self.root / "documents.parquet"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def stats(self) -> Path:
+        return self.root / "stats.safetensors"
+
+    @property
+    def blocks(self) -> Path:
+        return self.root / "blocks"
+
+    def block_marker(self, block: int) -> Path:
+        return self.blocks / f"{block:06d}.safetensors"
+
+    @property
+    def completion(self) -> Path:
+        return self.root / "complete.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Files inside one training run directory."""
+
+    root: Path
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "coder_manifest.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
+    @property
+    def final(self) -> Path:
+        return self.root / "final"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def evaluation(self) -> Path:
+        return self.root / "evaluation"
+
+
+def run_dir(runs_root: Path, cache_key: str, coder_hash: str) -> Path:
+    return runs_root / cache_key / coder_hash

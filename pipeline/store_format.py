@@ -1,0 +1,103 @@
+"""How activations sit on disk: dtypes, codecs and atomic small files.
+
+Choices (measured in ``bench/harvest.py`` and ``../shared/STORAGE.md`` on real SmolLM2
+activations): bf16 stored as its uint16 bits (zarr 3.1 has no bfloat16), byte-shuffle +
+zstd level 1 (1.47x on bf16, ~1 GB/s; level 5 gains ~10% at 20x the CPU), crc32c per chunk
+so a flipped bit is a read error instead of a silently wrong value, chunks of whole
+token blocks across d_model (~19 MB at 16384 x 576), no sharding (concurrent partial
+shard writes lose data: zarr-python #3682), ``write_empty_chunks=True`` (the fill-value
+scan cost 4-6x on writes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.harvest_manifest import StorageSpec
+
+NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
+TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def codecs(spec: StorageSpec, itemsize: int) -> dict:
+    from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
+    from zarr.codecs.numcodecs import Shuffle
+
+    compressors: list = []
+    if spec.codec == "zstd":
+        if spec.shuffle:
+            compressors.append(Shuffle(elementsize=itemsize))
+        compressors.append(ZstdCodec(level=spec.level))
+    if spec.checksum:
+        compressors.append(Crc32cCodec())
+    return {"serializer": BytesCodec(), "compressors": compressors}
+
+
+def to_storage_numpy(activations: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in the storage dtype -> the numpy array zarr stores."""
+    if activations.dtype == torch.bfloat16:
+        return activations.view(torch.int16).numpy().view(np.uint16)
+    return activations.numpy()
+
+
+def from_storage_numpy(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored numpy values -> float32 tensor."""
+    if dtype == "bfloat16":
+        bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
+        return bits.view(torch.bfloat16).float()
+    return torch.from_numpy(np.ascontiguousarray(stored)).float()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    """Temp file in the same directory, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, value: object) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def chunk_files(array_dir: Path) -> dict[str, int]:
+    """Chunk file name (relative to the array) -> size in bytes."""
+    chunks = array_dir / "c"
+    if not chunks.is_dir():
+        return {}
+    return {
+        str(p.relative_to(array_dir)): p.stat().st_size for p in chunks.rglob("*") if p.is_file()
+    }
+
+
+def atomic_write_parquet(path: Path, table) -> None:
+    import pyarrow.parquet as pq
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)

@@ -1,0 +1,159 @@
+"""Writing an activation store block by block, crash-safely.
+
+The unit of work is a block of ``chunk_tokens`` rows across every hook. Arrays are created
+at their final shape up front (metadata is never rewritten mid-harvest). After a block's
+chunks are written, a marker (safetensors: per-hook crc32c + the block's statistics) is
+written atomically; a resumed harvest redoes every block without a marker. Chunk files
+on disk prove nothing: only markers do.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import crc32c
+import numpy as np
+import torch
+import zarr
+from safetensors.torch import load_file, save
+
+from pipeline.harvest_manifest import StorageSpec
+from pipeline.paths import StorePaths
+from pipeline.store_format import (
+    NUMPY_STORAGE,
+    atomic_write_bytes,
+    atomic_write_json,
+    chunk_files,
+    codecs,
+    from_storage_numpy,
+    to_storage_numpy,
+)
+
+
+def block_statistics(stored: torch.Tensor, dtype: str, keep: torch.Tensor) -> dict:
+    """Per-hook sums over the block's non-special rows, in float64 so blocks add exactly."""
+    hooks = stored.shape[1]
+    total = torch.zeros(hooks, stored.shape[2], dtype=torch.float64)
+    norm_sum = torch.zeros(hooks, dtype=torch.float64)
+    sq_sum = torch.zeros(hooks, dtype=torch.float64)
+    rows = stored[keep]
+    for j in range(hooks):
+        values = from_storage_numpy(to_storage_numpy(rows[:, j]), dtype).double()
+        total[j] = values.sum(0)
+        norms = values.norm(dim=1)
+        norm_sum[j] = norms.sum()
+        sq_sum[j] = norms.square().sum()
+    count = torch.tensor([int(keep.sum())], dtype=torch.float64)
+    return {"sum": total, "norm_sum": norm_sum, "sq_norm_sum": sq_sum, "count": count}
+
+
+class StoreWriter:
+    def __init__(
+        self,
+        paths: StorePaths,
+        hook_names: list[str],
+        n_tokens: int,
+        d_model: int,
+        storage: StorageSpec,
+    ) -> None:
+        self.paths = paths
+        self.hook_names = hook_names
+        self.n_tokens = n_tokens
+        self.storage = storage
+        self.chunk_tokens = min(storage.chunk_tokens, n_tokens)
+        self.n_blocks = -(-n_tokens // self.chunk_tokens)
+        self._pool = ThreadPoolExecutor(max_workers=min(8, len(hook_names)))
+        np_dtype = NUMPY_STORAGE[storage.dtype]
+        group = zarr.open_group(paths.activations, mode="a", zarr_format=3)
+        self.arrays = []
+        for name in hook_names:
+            if name in group:
+                array = group[name]
+                if array.shape != (n_tokens, d_model) or array.chunks[0] != self.chunk_tokens:
+                    raise ValueError(f"{paths.array(name)}: exists with another shape/chunking")
+            else:
+                array = group.create_array(
+                    name,
+                    shape=(n_tokens, d_model),
+                    chunks=(self.chunk_tokens, d_model),
+                    dtype=np_dtype,
+                    fill_value=0,
+                    attributes={"dtype": storage.dtype, "hook": name},
+                    config={"write_empty_chunks": True},
+                    **codecs(storage, np.dtype(np_dtype).itemsize),
+                )
+            self.arrays.append(array)
+        paths.blocks.mkdir(parents=True, exist_ok=True)
+
+    def block_rows(self, block: int) -> tuple[int, int]:
+        start = block * self.chunk_tokens
+        return start, min(start + self.chunk_tokens, self.n_tokens)
+
+    def missing_blocks(self) -> list[int]:
+        return [b for b in range(self.n_blocks) if not self.paths.block_marker(b).is_file()]
+
+    def write_block(self, block: int, stored: torch.Tensor, keep: torch.Tensor) -> None:
+        """``stored``: ``[rows, n_hooks, d_model]`` CPU tensor in the storage dtype."""
+        start, stop = self.block_rows(block)
+        if stored.shape[0] != stop - start:
+            raise ValueError(f"block {block}: expected {stop - start} rows, got {stored.shape[0]}")
+
+        def write(j: int) -> int:
+            values = np.ascontiguousarray(to_storage_numpy(stored[:, j]))
+            self.arrays[j][start:stop] = values
+            return crc32c.crc32c(values)
+
+        crcs = list(self._pool.map(write, range(len(self.hook_names))))
+        stats = block_statistics(stored, self.storage.dtype, keep)
+        stats["crc32c"] = torch.tensor(crcs, dtype=torch.int64)
+        metadata = {"block": str(block), "rows": f"{start},{stop}"}
+        atomic_write_bytes(self.paths.block_marker(block), save(stats, metadata=metadata))
+
+    def finalize(self, seconds: float) -> dict:
+        """Aggregate block statistics and write the completion record."""
+        markers = [load_file(self.paths.block_marker(b)) for b in range(self.n_blocks)]
+        totals = {k: sum(m[k] for m in markers) for k in ("sum", "norm_sum", "sq_norm_sum")}
+        count = float(sum(m["count"] for m in markers))
+        record = {
+            "n_tokens": self.n_tokens,
+            "hooks": self.hook_names,
+            "storage": self.storage.model_dump(),
+            "chunk_tokens": self.chunk_tokens,
+            "n_blocks": self.n_blocks,
+            "block_crc32c": {
+                name: [int(m["crc32c"][j]) for m in markers]
+                for j, name in enumerate(self.hook_names)
+            },
+            "chunk_files": {
+                name: chunk_files(self.paths.array(name)) for name in self.hook_names
+            },
+            "statistics_tokens": count,
+            "harvest_seconds": seconds,
+            "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        self._pool.shutdown()
+        return {"record": record, "totals": totals, "count": count}
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+
+def write_statistics(path: Path, totals: dict, count: float) -> None:
+    """Per-hook mean, mean norm, RMS norm, and centred RMS norm for normalisation."""
+    mean = totals["sum"] / count
+    mean_norm = totals["norm_sum"] / count
+    rms = (totals["sq_norm_sum"] / count).sqrt()
+    centred_rms = (totals["sq_norm_sum"] / count - mean.square().sum(1)).clamp_min(0).sqrt()
+    tensors = {
+        "mean": mean.float(),
+        "mean_norm": mean_norm.float(),
+        "rms_norm": rms.float(),
+        "centred_rms_norm": centred_rms.float(),
+    }
+    atomic_write_bytes(path, save(tensors, metadata={"tokens": str(int(count))}))
+
+
+def write_completion(path: Path, record: dict) -> None:
+    atomic_write_json(path, record)

@@ -1,0 +1,108 @@
+"""Documents to harvest, and the identity of where they came from (for the cache key)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.assets import WIKI_SUMMARIES, sha256_file, wiki_summaries_file
+from pipeline.harvest_manifest import TextSpec
+
+
+@dataclass(frozen=True)
+class Document:
+    title: str
+    text: str
+    language: str = ""
+    topic: str = ""
+
+
+class TextSourceError(ValueError):
+    """A text file or dataset that cannot be read; the message names it."""
+
+
+def _wiki_documents(spec: TextSpec) -> list[Document]:
+    documents = []
+    for language in spec.languages:
+        path = wiki_summaries_file(language)
+        entries = json.loads(path.read_text(encoding="utf-8"))
+        for title in sorted(entries):
+            entry = entries[title]
+            text = (entry.get("extract") or "").strip()
+            if text:
+                documents.append(Document(title, text, language, entry.get("topic") or ""))
+    return documents
+
+
+def _read_file(path: Path, text_field: str) -> list[Document]:
+    if not path.is_file():
+        raise TextSourceError(f"{path}: no such text file (text.paths)")
+    if path.suffix == ".txt":
+        paragraphs = path.read_text(encoding="utf-8").split("\n\n")
+        return [
+            Document(f"{path.name}#{i}", p.strip()) for i, p in enumerate(paragraphs) if p.strip()
+        ]
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(path).to_pylist()
+    else:
+        raise TextSourceError(f"{path}: unsupported text file type (use .txt, .jsonl, .parquet)")
+    documents = []
+    for i, row in enumerate(rows):
+        if text_field not in row:
+            raise TextSourceError(f"{path}: row {i} has no field '{text_field}' (text.text_field)")
+        title = str(row.get("title", f"{path.name}#{i}"))
+        documents.append(
+            Document(title, str(row[text_field]), row.get("language", ""), row.get("topic", ""))
+        )
+    return documents
+
+
+def _hub_documents(spec: TextSpec) -> list[Document]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise TextSourceError(
+            "text.source 'hf_dataset' needs the 'datasets' package: pip install datasets"
+        ) from err
+    rows = datasets.load_dataset(
+        spec.dataset, split=spec.dataset_split, revision=spec.dataset_revision
+    )
+    return [Document(f"{spec.dataset}#{i}", row[spec.text_field]) for i, row in enumerate(rows)]
+
+
+def load_documents(spec: TextSpec) -> list[Document]:
+    """All documents of the source, in a stable order (shuffling happens in tokenisation)."""
+    if spec.source == "wiki_summaries":
+        return _wiki_documents(spec)
+    if spec.source == "files":
+        return [doc for p in spec.paths for doc in _read_file(Path(p), spec.text_field)]
+    return _hub_documents(spec)
+
+
+def source_identity(spec: TextSpec) -> dict:
+    """What identifies the text for the cache key: versions and content hashes, not paths."""
+    if spec.source == "wiki_summaries":
+        return {
+            "package": f"{WIKI_SUMMARIES.package}=={WIKI_SUMMARIES.version}",
+            "sha256": WIKI_SUMMARIES.wheel_sha256,
+            "languages": list(spec.languages),
+        }
+    if spec.source == "files":
+        hashes = []
+        for p in spec.paths:
+            path = Path(p)
+            if not path.is_file():
+                raise TextSourceError(f"{path}: no such text file (text.paths)")
+            hashes.append(sha256_file(path))
+        return {"sha256": hashes, "text_field": spec.text_field}
+    return {
+        "dataset": spec.dataset,
+        "split": spec.dataset_split,
+        "revision": spec.dataset_revision,
+        "text_field": spec.text_field,
+    }

@@ -1,0 +1,179 @@
+"""Harvest stage: manifest -> model forward over token windows -> a finished Zarr store.
+
+The model runs in the main thread; a writer thread compresses and writes each finished
+block while the next is computed, so storage overlaps the forward. A second run with
+the same manifest is a cache hit; a killed run resumes from its block markers.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from filelock import FileLock
+from tqdm import tqdm
+
+from pipeline.cache_key import cache_key, key_material
+from pipeline.harvest_manifest import HarvestManifest
+from pipeline.models import ActivationModel, load_model
+from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir, store_lock
+from pipeline.store_format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet, fsync_dir
+from pipeline.store_writer import StoreWriter, write_completion, write_statistics
+from pipeline.text_sources import load_documents
+from pipeline.windows import TokenWindows, build_windows
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    key: str
+    path: Path
+    cache_hit: bool
+    tokens_per_second: float | None = None
+
+
+def resolve_cache_root(manifest: HarvestManifest, cache_root: Path | None = None) -> Path:
+    if cache_root is not None:
+        return Path(cache_root)
+    if manifest.run.cache_root:
+        return Path(manifest.run.cache_root)
+    return default_cache_root()
+
+
+def _write_tables(paths: StorePaths, windows: TokenWindows) -> None:
+    """Write the token/document tables once; on resume, check they still agree."""
+    if paths.tokens.is_file():
+        stored = pq.read_table(paths.tokens, columns=["token_id"])["token_id"].to_numpy()
+        if not np.array_equal(stored, windows.token_ids.reshape(-1)):
+            raise RuntimeError(
+                f"{paths.tokens}: the partial store was tokenised differently; delete "
+                f"{paths.root} and harvest again"
+            )
+        return
+    atomic_write_parquet(paths.documents, windows.documents)
+    atomic_write_parquet(paths.tokens, windows.tokens)
+
+
+class _BlockWriterThread:
+    """Writes finished blocks in the background; re-raises its error in the caller."""
+
+    def __init__(self, writer: StoreWriter) -> None:
+        self.writer = writer
+        self.queue: queue.Queue = queue.Queue(maxsize=1)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="block-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.writer.write_block(*item)
+                except BaseException as err:  # surfaced by put()/close()
+                    self.error = err
+
+    def put(self, block: int, stored: torch.Tensor, keep: torch.Tensor) -> None:
+        if self.error is not None:
+            raise self.error
+        self.queue.put((block, stored, keep))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+def _harvest_blocks(
+    model: ActivationModel,
+    windows: TokenWindows,
+    writer: StoreWriter,
+    hook_names: list[str],
+    manifest: HarvestManifest,
+) -> float:
+    """Run every missing block; returns tokens/s of this run."""
+    ctx = manifest.tokenization.context_length
+    batch_size = manifest.run.batch_size
+    dtype = TORCH_STORAGE[manifest.storage.dtype]
+    device = model.device
+    pin = device.type == "cuda"
+    special = windows.tokens["is_special"].to_numpy(zero_copy_only=False)
+    missing = writer.missing_blocks()
+    total = sum(stop - start for start, stop in map(writer.block_rows, missing))
+    bar = tqdm(
+        total=total, unit="tok", unit_scale=True, desc="harvest", disable=not manifest.run.progress
+    )
+    background = _BlockWriterThread(writer)
+    started = time.perf_counter()
+    try:
+        for block in missing:
+            start, stop = writer.block_rows(block)
+            rows = stop - start
+            stored = torch.empty((rows, len(hook_names), model.d_model), dtype=dtype, pin_memory=pin)
+            first_window = start // ctx
+            for w in range(first_window, stop // ctx, batch_size):
+                w_stop = min(w + batch_size, stop // ctx)
+                tokens = torch.from_numpy(windows.token_ids[w:w_stop])
+                out = torch.empty(
+                    (w_stop - w, ctx, len(hook_names), model.d_model), dtype=dtype, device=device
+                )
+                model.capture(tokens, hook_names, out)
+                lo = (w - first_window) * ctx
+                stored[lo : lo + out.shape[0] * ctx].copy_(out.flatten(0, 1), non_blocking=pin)
+                bar.update(out.shape[0] * ctx)
+            if pin:
+                torch.cuda.synchronize(device)
+            keep = torch.from_numpy(~special[start:stop])
+            background.put(block, stored, keep)
+        background.close()
+    finally:
+        bar.close()
+    elapsed = time.perf_counter() - started
+    return total / elapsed if elapsed > 0 else float("nan")
+
+
+def run(
+    manifest: HarvestManifest, cache_root: Path | None = None, manifest_source: str = ""
+) -> HarvestResult:
+    """Harvest the manifest's activations, or return the finished store if it exists."""
+    key = cache_key(manifest)
+    root = resolve_cache_root(manifest, cache_root)
+    final = store_dir(root, key)
+    if StorePaths(final).completion.is_file():
+        return HarvestResult(key, final, cache_hit=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(store_lock(root, key))):
+        if StorePaths(final).completion.is_file():  # another process finished it meanwhile
+            return HarvestResult(key, final, cache_hit=True)
+        started = time.perf_counter()
+        paths = StorePaths(incomplete_store_dir(root, key))
+        paths.root.mkdir(parents=True, exist_ok=True)
+        model = load_model(manifest.model, manifest.run.device)
+        windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
+        _write_tables(paths, windows)
+        atomic_write_json(
+            paths.manifest,
+            {
+                "key": key,
+                "source": manifest_source,
+                "manifest": manifest.model_dump(mode="json"),
+                "key_material": key_material(manifest),
+                "d_model": model.d_model,
+                "model_n_layers": model.n_layers,
+            },
+        )
+        hook_names = model.hook_names(manifest.hooks)
+        writer = StoreWriter(paths, hook_names, windows.n_tokens, model.d_model, manifest.storage)
+        rate = _harvest_blocks(model, windows, writer, hook_names, manifest)
+        summary = writer.finalize(time.perf_counter() - started)
+        write_statistics(paths.stats, summary["totals"], summary["count"])
+        write_completion(paths.completion, summary["record"])
+        os.replace(paths.root, final)
+        fsync_dir(root)
+    return HarvestResult(key, final, cache_hit=False, tokens_per_second=rate)
