@@ -23,6 +23,7 @@ USER_ERRORS = (
     AssetError,
     CorpusTooSmallError,
     FileNotFoundError,
+    ValueError,
 )
 
 
@@ -81,7 +82,9 @@ def harvest(manifest: Path, cache_root: Path | None, device: str | None, batch_s
     if overrides:
         spec = spec.model_copy(update={"run": spec.run.model_copy(update=overrides)})
     result = harvest_stage.run(spec, cache_root, manifest_source=str(manifest))
-    status = "cache hit" if result.cache_hit else f"harvested at {result.tokens_per_second:,.0f} tok/s"
+    status = (
+        "cache hit" if result.cache_hit else f"harvested at {result.tokens_per_second:,.0f} tok/s"
+    )
     click.echo(f"{result.key}  {status}  {result.path}")
 
 
@@ -135,3 +138,33 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
         )
     if verify:
         click.echo("verified: every chunk matches its checksum")
+
+
+@main.command()
+@click.argument(
+    "manifests", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path)
+)
+@click.option("--device", default=None, help="Override run.device of every manifest.")
+@user_errors
+def train(manifests: tuple[Path, ...], device: str | None) -> None:
+    """Train coder variants from an existing cache (never harvests).
+
+    Variants on the same cache, layers and batch settings share one pass of data loading.
+    A killed run resumes from its last checkpoint; a finished one is skipped.
+
+    \b
+    Example:
+      pipeline train manifests/coders/smoke-crosscoder.yaml manifests/coders/smoke-fmxcoder.yaml
+    """
+    from pipeline.train_manifest import load_coder_manifest
+    from stages import train as train_stage
+
+    loaded = []
+    for path in manifests:
+        spec, base = load_coder_manifest(path)
+        if device:
+            spec = spec.model_copy(update={"run": spec.run.model_copy(update={"device": device})})
+        loaded.append((spec, base))
+    for result in train_stage.run(loaded):
+        status = "already trained" if result.skipped else f"{result.steps} steps"
+        click.echo(f"{result.name:<28}{status:<18}{result.run_dir}")

@@ -28,7 +28,9 @@ def read_mapping(path: Path) -> dict:
     try:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
-        raise ManifestError(f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}") from err
+        raise ManifestError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}"
+        ) from err
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: the top level must be a mapping of fields")
     return data

@@ -7,6 +7,7 @@ SmolLM2) and saved as a plain HF directory under ``models_dir()``, so later load
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,10 +72,8 @@ class ActivationModel:
         fwd_hooks = [
             (name, writer(j, j == len(hook_names) - 1)) for j, name in enumerate(hook_names)
         ]
-        try:
+        with contextlib.suppress(_StopForward):
             self.bridge.run_with_hooks(tokens.to(self.device), fwd_hooks=fwd_hooks)
-        except _StopForward:
-            pass
 
 
 def resolve_device(device: str) -> torch.device:

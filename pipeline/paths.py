@@ -101,9 +101,12 @@ class RunPaths:
     def manifest(self) -> Path:
         return self.root / "coder_manifest.json"
 
-    @property
-    def checkpoint(self) -> Path:
-        return self.root / "checkpoint"
+    def checkpoint(self, step: int) -> Path:
+        return self.root / f"checkpoint-{step:09d}"
+
+    def checkpoints(self) -> list[Path]:
+        """Checkpoint directories, newest first."""
+        return sorted(self.root.glob("checkpoint-*"), reverse=True)
 
     @property
     def final(self) -> Path:

@@ -126,9 +126,7 @@ class StoreWriter:
                 name: [int(m["crc32c"][j]) for m in markers]
                 for j, name in enumerate(self.hook_names)
             },
-            "chunk_files": {
-                name: chunk_files(self.paths.array(name)) for name in self.hook_names
-            },
+            "chunk_files": {name: chunk_files(self.paths.array(name)) for name in self.hook_names},
             "statistics_tokens": count,
             "harvest_seconds": seconds,
             "completed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -43,9 +43,7 @@ def _special_id(tokenizer, attribute: str) -> int:
     return int(value)
 
 
-def build_windows(
-    documents: list[Document], tokenizer, spec: TokenizationSpec
-) -> TokenWindows:
+def build_windows(documents: list[Document], tokenizer, spec: TokenizationSpec) -> TokenWindows:
     rng = np.random.default_rng(spec.seed)
     order = rng.permutation(len(documents))
     is_test = rng.random(len(documents)) < spec.test_fraction
@@ -90,7 +88,9 @@ def build_windows(
     positions = np.tile(np.arange(ctx, dtype=np.int32), n // ctx)
 
     unique = np.unique(token_ids)
-    texts = dict(zip(unique.tolist(), tokenizer.batch_decode([[t] for t in unique.tolist()]), strict=True))
+    texts = dict(
+        zip(unique.tolist(), tokenizer.batch_decode([[t] for t in unique.tolist()]), strict=True)
+    )
     tokens = pa.table(
         {
             "token_id": token_ids,

@@ -23,7 +23,13 @@ from tqdm import tqdm
 from pipeline.cache_key import cache_key, key_material
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
-from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir, store_lock
+from pipeline.paths import (
+    StorePaths,
+    default_cache_root,
+    incomplete_store_dir,
+    store_dir,
+    store_lock,
+)
 from pipeline.store_format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet, fsync_dir
 from pipeline.store_writer import StoreWriter, write_completion, write_statistics
 from pipeline.text_sources import load_documents
@@ -115,7 +121,9 @@ def _harvest_blocks(
         for block in missing:
             start, stop = writer.block_rows(block)
             rows = stop - start
-            stored = torch.empty((rows, len(hook_names), model.d_model), dtype=dtype, pin_memory=pin)
+            stored = torch.empty(
+                (rows, len(hook_names), model.d_model), dtype=dtype, pin_memory=pin
+            )
             first_window = start // ctx
             for w in range(first_window, stop // ctx, batch_size):
                 w_stop = min(w + batch_size, stop // ctx)
@@ -155,7 +163,9 @@ def run(
         paths = StorePaths(incomplete_store_dir(root, key))
         paths.root.mkdir(parents=True, exist_ok=True)
         model = load_model(manifest.model, manifest.run.device)
-        windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
+        windows = build_windows(
+            load_documents(manifest.text), model.tokenizer, manifest.tokenization
+        )
         _write_tables(paths, windows)
         atomic_write_json(
             paths.manifest,

@@ -1,0 +1,161 @@
+"""Training one or several coders on the same stream of batches.
+
+Variants that share a loader signature (cache, layers, batch size, seed, centring) are
+stepped together on each batch, so the store is read once for all of them. Every source
+of randomness is a function of (seed, step): a resumed run replays the same batches
+and the same masks and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from pipeline.checkpoint import (
+    flatten_state,
+    load_coder,
+    load_training_state,
+    save_coder,
+    save_training_state,
+    unflatten_state,
+)
+from pipeline.coders import build_coder
+from pipeline.coders.base import Coder
+from pipeline.paths import RunPaths
+from pipeline.store_format import atomic_write_json
+from pipeline.train_manifest import CoderManifest, TrainingSpec
+
+
+def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
+    warmup = int(spec.warmup_fraction * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    decay_start = total - int(spec.decay_fraction * total)
+    if spec.decay == "constant" or step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, total - decay_start)
+    if spec.decay == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class CoderRun:
+    """One coder being trained: its weights, optimiser, schedule and files."""
+
+    manifest: CoderManifest
+    coder: Coder
+    paths: RunPaths
+    config: object
+    cache_key: str
+    device: torch.device
+    step: int = 0
+    optimizer: torch.optim.Optimizer = field(init=False)
+    log_time: float = field(default_factory=time.perf_counter)
+    log_step: int = 0
+
+    def __post_init__(self) -> None:
+        spec = self.manifest.training
+        self.coder.to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.coder.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2)
+        )
+
+    @property
+    def total_steps(self) -> int:
+        return self.manifest.total_steps()
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    def autocast(self):
+        precision = self.manifest.training.precision
+        use_bf16 = precision == "bfloat16" or (precision == "auto" and self.device.type == "cuda")
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+        spec = self.manifest.training
+        for group in self.optimizer.param_groups:
+            group["lr"] = spec.lr * lr_factor(self.step, self.total_steps, spec)
+        with self.autocast():
+            out = self.coder.training_loss(batch, self.step, self.total_steps)
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        if spec.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.coder.parameters(), spec.grad_clip)
+        self.optimizer.step()
+        if hasattr(self.coder, "after_step"):
+            self.coder.after_step()
+        self.step += 1
+        return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def save_checkpoint(self) -> None:
+        """A new directory per checkpoint; older ones go only once it is complete."""
+        target = self.paths.checkpoint(self.step)
+        tensors, skeleton = flatten_state(self.optimizer.state_dict())
+        save_coder(target, self.coder, {"step": self.step})
+        save_training_state(
+            target / "optimizer.safetensors", tensors, {"step": self.step, "skeleton": skeleton}
+        )
+        for old in self.paths.checkpoints():
+            if old != target:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def save_final(self) -> None:
+        extra = {
+            "step": self.step,
+            "name": self.manifest.name,
+            "cache_key": self.cache_key,
+            "manifest": self.manifest.model_dump(mode="json"),
+        }
+        save_coder(self.paths.final, self.coder, extra)
+
+    def try_resume(self) -> None:
+        """Load the newest complete checkpoint, and cut the metric log back to it."""
+        for directory in self.paths.checkpoints():
+            state = directory / "optimizer.safetensors"
+            if not state.is_file():
+                continue  # killed while writing it: fall back to the previous one
+            try:
+                coder = load_coder(directory)
+            except (ValueError, OSError):
+                continue
+            tensors, meta = load_training_state(state)
+            self.coder.load_state_dict(coder.state_dict())
+            self.coder.to(self.device)
+            tensors = {k: v.to(self.device) for k, v in tensors.items()}
+            self.optimizer.load_state_dict(unflatten_state(tensors, meta["skeleton"]))
+            self.step = int(meta["step"])
+            _truncate_log(self.paths.metrics, self.step)
+            return
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def new_coder_run(
+    manifest: CoderManifest, config, paths: RunPaths, cache_key: str, device: torch.device
+) -> CoderRun:
+    paths.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(
+        paths.manifest,
+        {
+            "cache_key": cache_key,
+            "manifest": manifest.model_dump(mode="json"),
+            "coder": config.model_dump(mode="json"),
+        },
+    )
+    run = CoderRun(manifest, build_coder(config), paths, config, cache_key, device)
+    run.try_resume()
+    return run
