@@ -1,0 +1,20 @@
+"""Shared helpers for tests that need a small real store (tiny random model, real text)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.harvest_manifest import HarvestManifest
+from stages import harvest
+
+TINY = {
+    "model": {"source": "random", "n_layers": 4, "d_model": 64, "seed": 0},
+    "text": {"source": "wiki_summaries", "languages": ["en"]},
+    "tokenization": {"context_length": 32, "num_tokens": 2048},
+    "storage": {"chunk_tokens": 512},
+    "run": {"progress": False},
+}
+
+
+def harvest_tiny(cache_root: Path) -> Path:
+    return harvest.run(HarvestManifest.model_validate(TINY), cache_root).path
