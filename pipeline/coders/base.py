@@ -9,9 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
+
+from pipeline.coders.activations import ActivationKind, auxk_loss, build_activation, l1_penalty
+from pipeline.coders.factorized import WeightView
 
 
 @dataclass
@@ -66,6 +71,260 @@ class Coder(nn.Module, ABC):
         """For coders whose latents each own one layer (per-layer SAEs), that layer; else None."""
         return None
 
+    def encoder_weight(self) -> Tensor:
+        """Dense ``W_enc`` as ``[n_layers, d_model, n_latents]`` (factorised weights expanded)."""
+        raise NotImplementedError
+
+    def decoder_weight(self) -> Tensor:
+        """Dense ``W_dec`` as ``[n_latents, n_layers, d_model]`` (factorised weights expanded)."""
+        raise NotImplementedError
+
     @torch.no_grad()
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+# The activation-specific fields and the activations that read them: setting one of them to
+# a non-default value while another activation is chosen is an error, not a silent no-op.
+_ACTIVATION_FIELDS: dict[str, tuple[str, ...]] = {
+    "k": ("topk", "batchtopk"),
+    "l1_coefficient": ("relu",),
+    "l0_coefficient": ("jumprelu",),
+    "jumprelu_bandwidth": ("jumprelu",),
+    "jumprelu_init_threshold": ("jumprelu",),
+    "batchtopk_threshold_momentum": ("batchtopk",),
+}
+
+
+class CoderConfigBase(BaseModel):
+    """Fields every coder shares; each architecture's config adds ``kind`` and its size."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    n_layers: int = Field(ge=1, description="Number of layers (residual streams) read.")
+    d_model: int = Field(ge=1, description="Residual stream width.")
+    activation: ActivationKind = Field(
+        "topk",
+        description="relu (+ L1 on f_i * sum_l ||W_dec[i,l]||), topk, batchtopk (tracked "
+        "threshold at inference) or jumprelu (+ L0 with straight-through threshold).",
+    )
+    k: int | None = Field(
+        None, ge=1, description="Active latents per token (per layer for per-layer SAEs)."
+    )
+    l1_coefficient: float = Field(1.0, ge=0, description="relu: L1 sparsity coefficient.")
+    l0_coefficient: float = Field(1.0, ge=0, description="jumprelu: L0 sparsity coefficient.")
+    jumprelu_bandwidth: float = Field(
+        1e-3, gt=0, description="jumprelu: width of the rectangle pseudo-derivative kernel."
+    )
+    jumprelu_init_threshold: float = Field(
+        1e-3, gt=0, description="jumprelu: initial threshold of every latent."
+    )
+    batchtopk_threshold_momentum: float = Field(
+        0.99, ge=0, lt=1, description="batchtopk: EMA momentum of the inference threshold."
+    )
+    sparsity_warmup_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="The L1/L0 coefficient ramps linearly from 0 over this fraction of the "
+        "total steps (0: no ramp).",
+    )
+    auxk_coefficient: float = Field(
+        1 / 32, ge=0, description="Weight of the AuxK dead-latent loss (0 disables)."
+    )
+    auxk_k: int | None = Field(
+        None,
+        ge=1,
+        description="Dead latents used by AuxK per group; None: d_model // 2, capped at the "
+        "latents per group.",
+    )
+    dead_after_tokens: int = Field(
+        10_000_000, ge=1, description="A latent is dead after this many tokens without firing."
+    )
+    init_decoder_norm: float = Field(
+        0.1, gt=0, description="Initial norm of each latent's decoder row in each layer."
+    )
+    seed: int = Field(0, description="Seed for initialisation and layer masking.")
+
+    @property
+    def n_groups(self) -> int:
+        """Activation groups: 1 for cross-layer coders, one per layer for per-layer SAEs."""
+        return 1
+
+    @property
+    def group_size(self) -> int:
+        """Latents per activation group (what ``k`` and ``auxk_k`` are bounded by)."""
+        raise NotImplementedError
+
+    @property
+    def total_latents(self) -> int:
+        return self.n_groups * self.group_size
+
+    @property
+    def resolved_auxk_k(self) -> int:
+        return min(self.auxk_k or max(self.d_model // 2, 1), self.group_size)
+
+    @model_validator(mode="after")
+    def _check_activation_fields(self) -> CoderConfigBase:
+        if self.activation in ("topk", "batchtopk"):
+            if self.k is None:
+                raise ValueError(f"k is required when activation is {self.activation!r}")
+            if self.k > self.group_size:
+                raise ValueError(
+                    f"k (={self.k}) must be <= the latents per group ({self.group_size})"
+                )
+        for name, kinds in _ACTIVATION_FIELDS.items():
+            default = type(self).model_fields[name].default
+            if self.activation not in kinds and getattr(self, name) != default:
+                raise ValueError(
+                    f"{name} is only used with activation {' or '.join(kinds)}, "
+                    f"not {self.activation!r}; leave it unset"
+                )
+        if self.auxk_k is not None and self.auxk_k > self.group_size:
+            raise ValueError(
+                f"auxk_k (={self.auxk_k}) must be <= the latents per group ({self.group_size})"
+            )
+        return self
+
+
+class SparseCoder(Coder):
+    """The training machinery every architecture shares, written once against ``WeightView``s.
+
+    Loss = recon + lambda(step) * sparsity + auxk_coefficient * auxk (+ extra terms), where
+    recon is the squared error summed over layers and d_model, averaged over the batch.
+    """
+
+    config: CoderConfigBase
+
+    def __init__(self, config: CoderConfigBase) -> None:
+        super().__init__()
+        self.config = config
+        self.n_layers, self.d_model = config.n_layers, config.d_model
+        self.n_latents = config.total_latents
+        self.activation = build_activation(
+            config.activation,
+            config.n_groups,
+            config.group_size,
+            k=config.k,
+            batchtopk_momentum=config.batchtopk_threshold_momentum,
+            jumprelu_init_threshold=config.jumprelu_init_threshold,
+            jumprelu_bandwidth=config.jumprelu_bandwidth,
+        )
+        self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
+        self.b_dec = nn.Parameter(torch.zeros(self.n_layers, self.d_model))
+        self.register_buffer("tokens_since_fired", torch.zeros(self.n_latents, dtype=torch.long))
+
+    @abstractmethod
+    def encoder_view(self) -> WeightView:
+        """The encoder as a ``[n_latents, n_layers, d_model]`` view for this step."""
+
+    @abstractmethod
+    def decoder_view(self) -> WeightView:
+        """The decoder as a ``[n_latents, n_layers, d_model]`` view for this step."""
+
+    def encode_pre(self, x: Tensor) -> Tensor:
+        return self.encoder_view().encode(x) + self.b_enc
+
+    def activate(self, pre: Tensor) -> Tensor:
+        return self.activation(pre)
+
+    def decode(self, f: Tensor) -> Tensor:
+        return self.decoder_view().decode(f) + self.b_dec
+
+    def decoder_norms(self) -> Tensor:
+        return self.decoder_view().layer_norms()
+
+    def layer_contributions(self, x: Tensor, latents: Tensor) -> Tensor:
+        w = self.encoder_view().expand_latents(latents.to(x.device))  # [k, L, d]
+        return torch.einsum("bld,kld->blk", x, w)
+
+    def encoder_weight(self) -> Tensor:
+        return self.encoder_view().expand().permute(1, 2, 0)
+
+    def decoder_weight(self) -> Tensor:
+        return self.decoder_view().expand()
+
+    def dead_latents(self) -> Tensor:
+        """``[n_latents]`` bool: no firing within the last ``dead_after_tokens`` tokens."""
+        return self.tokens_since_fired >= self.config.dead_after_tokens
+
+    def sparsity_coefficient(self, step: int, total_steps: int) -> float:
+        c = self.config
+        lam = {"relu": c.l1_coefficient, "jumprelu": c.l0_coefficient}.get(c.activation, 0.0)
+        warm = c.sparsity_warmup_fraction * total_steps
+        return lam * min(1.0, step / warm) if warm > 0 else lam
+
+    def _training_input(
+        self, x: Tensor, step: int, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Encoder input and the bool mask of altered tokens (None: input unaltered)."""
+        return x, None
+
+    def _extra_losses(
+        self, ctx: dict[str, Any], step: int, total_steps: int
+    ) -> dict[str, tuple[float, Tensor]]:
+        """Additional ``name: (coefficient, term)`` pairs (fmxcoder's collapse penalty)."""
+        return {}
+
+    def training_loss(
+        self, x: Tensor, step: int, total_steps: int, generator: torch.Generator | None = None
+    ) -> LossOutput:
+        """One batch's loss (call in train mode: BatchTopK selects over the batch only then).
+
+        ``generator`` overrides the masking generator, which by default is a function of
+        ``(config.seed, step)`` so that a resumed run draws the same masks."""
+        c = self.config
+        enc, dec = self.encoder_view(), self.decoder_view()  # per_latent materialises here, once
+        x_in, token_mask = self._training_input(x, step, generator)
+        pre = enc.encode(x_in) + self.b_enc
+        f = self.activation(pre)
+        x_hat = dec.decode(f) + self.b_dec
+        sq_err = (x_hat - x).pow(2)
+        recon = sq_err.sum((1, 2)).mean()
+        if c.activation == "relu":
+            sparsity = l1_penalty(f, dec.layer_norms().sum(1))
+        elif c.activation == "jumprelu":
+            sparsity = self.activation.l0_penalty(pre)
+        else:
+            sparsity = recon.new_zeros(())
+        lam = self.sparsity_coefficient(step, total_steps)
+        loss = recon + lam * sparsity
+        dead = self.dead_latents()
+        auxk = recon.new_zeros(())
+        if c.auxk_coefficient > 0 and bool(dead.any()):
+            residual = (x - x_hat).detach()
+            auxk = auxk_loss(pre, dead, residual, dec.decode, c.resolved_auxk_k, c.n_groups)
+            loss = loss + c.auxk_coefficient * auxk
+        ctx = {"x": x, "x_in": x_in, "token_mask": token_mask, "codes": f, "dec": dec, "enc": enc}
+        extra = self._extra_losses(ctx, step, total_steps)
+        for coef, term in extra.values():
+            loss = loss + coef * term
+        with torch.no_grad():
+            self._track_firing(f)
+            self.activation.observe(f)
+            var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
+            terms = {
+                "loss": loss,
+                "recon": recon,
+                "sparsity": sparsity,
+                "sparsity_coefficient": recon.new_tensor(lam),
+                "auxk": auxk,
+                "l0": (f > 0).sum(-1).float().mean(),
+                "mse": sq_err.mean(),
+                "fvu": sq_err.sum() / var,
+                "dead_fraction": dead.float().mean(),
+                "collapse": recon.new_zeros(()),
+                **{name: term for name, (_, term) in extra.items()},
+            }
+        return LossOutput(loss=loss, terms=self._to_floats(terms), codes=f.detach())
+
+    @staticmethod
+    def _to_floats(terms: dict[str, Tensor]) -> dict[str, float]:
+        # One device sync for all terms instead of one .item() each.
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
+        return dict(zip(terms, values, strict=True))
+
+    @torch.no_grad()
+    def _track_firing(self, f: Tensor) -> None:
+        fired = (f > 0).any(0)
+        self.tokens_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)

@@ -1,0 +1,251 @@
+"""Parameterisations of a ``[latent, layer, d_model]`` weight along the layer axis.
+
+- ``dense``: ``W[m, L, d]``.
+- ``shared_basis`` (Tucker along layers): ``W[i, l] = sum_r G[l, r] V[i, r]``, ``G`` shared by
+  all latents. The fast path never builds ``W``: it projects onto the ``R`` basis first
+  (``z_r = sum_l G[l, r] x_l``), then does one ``[B, R*d] x [R*d, m]`` matmul, so parameters
+  and FLOPs shrink by ``R / L``.
+- ``per_latent``: ``W[i, l] = sum_r A[i, l, r] B[i, r]``; materialised once per ``view()``
+  (i.e. once per step) and then used with the dense kernels.
+
+A module's ``view()`` gives a ``WeightView`` that encodes, decodes and measures per-layer
+norms. Encoder and decoder are separate modules, so they are factorised independently.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+Factorization = Literal["dense", "shared_basis", "per_latent"]
+Role = Literal["encoder", "decoder"]
+
+
+class WeightView(ABC):
+    """A ``[m, L, d]`` weight ready to use for one step (factors or a materialised tensor)."""
+
+    @abstractmethod
+    def encode(self, x: Tensor) -> Tensor:
+        """``pre[b, i] = sum_l <x[b, l], W[i, l]>`` (no bias)."""
+
+    @abstractmethod
+    def decode(self, f: Tensor) -> Tensor:
+        """``x_hat[b, l] = sum_i f[b, i] W[i, l]`` (no bias)."""
+
+    @abstractmethod
+    def layer_norms(self) -> Tensor:
+        """``||W[i, l]||`` as ``[m, L]``, differentiable."""
+
+    @abstractmethod
+    def expand_latents(self, latents: Tensor) -> Tensor:
+        """Dense rows ``W[latents]`` as ``[k, L, d]``."""
+
+    @abstractmethod
+    def expand(self) -> Tensor:
+        """The dense ``[m, L, d]`` weight (evaluation and reference paths only)."""
+
+
+class DenseView(WeightView):
+    def __init__(self, w: Tensor) -> None:
+        self.w = w
+
+    def encode(self, x: Tensor) -> Tensor:
+        m = self.w.shape[0]
+        return x.reshape(x.shape[0], -1) @ self.w.reshape(m, -1).T
+
+    def decode(self, f: Tensor) -> Tensor:
+        return (f @ self.w.reshape(self.w.shape[0], -1)).view(f.shape[0], *self.w.shape[1:])
+
+    def layer_norms(self) -> Tensor:
+        return self.w.norm(dim=-1)
+
+    def expand_latents(self, latents: Tensor) -> Tensor:
+        return self.w[latents]
+
+    def expand(self) -> Tensor:
+        return self.w
+
+
+class SharedBasisView(WeightView):
+    def __init__(self, g: Tensor, v: Tensor) -> None:
+        self.g, self.v = g, v  # [L, R], [m, R, d]
+
+    def encode(self, x: Tensor) -> Tensor:
+        z = torch.einsum("bld,lr->brd", x, self.g)  # project onto the layer basis first
+        return z.reshape(x.shape[0], -1) @ self.v.reshape(self.v.shape[0], -1).T
+
+    def decode(self, f: Tensor) -> Tensor:
+        y = (f @ self.v.reshape(self.v.shape[0], -1)).view(f.shape[0], *self.v.shape[1:])
+        return torch.einsum("brd,lr->bld", y, self.g)
+
+    def layer_norms(self) -> Tensor:
+        # ||sum_r G[l,r] V[i,r]||^2 = G[l]^T (V_i V_i^T) G[l]: costs m R^2 d, not m L d.
+        gram = torch.einsum("ird,isd->irs", self.v, self.v)
+        sq = torch.einsum("lr,irs,ls->il", self.g, gram, self.g)
+        return sq.clamp_min(1e-20).sqrt()
+
+    def expand_latents(self, latents: Tensor) -> Tensor:
+        return torch.einsum("lr,krd->kld", self.g, self.v[latents])
+
+    def expand(self) -> Tensor:
+        return torch.einsum("lr,ird->ild", self.g, self.v)
+
+
+class LayerWeight(nn.Module, ABC):
+    """A factorised ``[m, L, d]`` weight; ``role`` fixes the orientation of ``expand()``."""
+
+    kind: Factorization
+
+    def __init__(self, n_latents: int, n_layers: int, d_model: int, role: Role) -> None:
+        super().__init__()
+        self.n_latents, self.n_layers, self.d_model, self.role = n_latents, n_layers, d_model, role
+
+    @abstractmethod
+    def view(self) -> WeightView: ...
+
+    @abstractmethod
+    def init_random_(self, generator: torch.Generator) -> None:
+        """Random factors (before rescaling by ``rescale_``)."""
+
+    @abstractmethod
+    def load_dense_(self, w: Tensor) -> None:
+        """Set the factors to the best rank-limited fit of a dense ``[m, L, d]`` weight."""
+
+    @abstractmethod
+    def _latent_scaled(self) -> Tensor:
+        """The factor whose rows scale a latent's whole weight (used by ``rescale_``)."""
+
+    def expand(self) -> Tensor:
+        """Dense weight: ``[L, d, m]`` for an encoder, ``[m, L, d]`` for a decoder."""
+        w = self.view().expand()
+        return w.permute(1, 2, 0) if self.role == "encoder" else w
+
+    @torch.no_grad()
+    def rescale_(self, norm: float) -> None:
+        """Scale each latent so the RMS over layers of ``||W[i, l]||`` equals ``norm``."""
+        rms = self.view().layer_norms().pow(2).mean(1).sqrt().clamp_min(1e-12)
+        t = self._latent_scaled()
+        t.mul_((norm / rms).view(-1, *([1] * (t.dim() - 1))))
+
+
+class DenseWeight(LayerWeight):
+    kind = "dense"
+
+    def __init__(self, n_latents: int, n_layers: int, d_model: int, role: Role) -> None:
+        super().__init__(n_latents, n_layers, d_model, role)
+        self.w = nn.Parameter(torch.empty(n_latents, n_layers, d_model))
+
+    def view(self) -> WeightView:
+        return DenseView(self.w)
+
+    @torch.no_grad()
+    def init_random_(self, generator: torch.Generator) -> None:
+        w = torch.randn(self.w.shape, generator=generator)
+        self.w.copy_(w / w.norm(dim=-1, keepdim=True))  # unit rows per (latent, layer)
+
+    @torch.no_grad()
+    def load_dense_(self, w: Tensor) -> None:
+        self.w.copy_(w)
+
+    def _latent_scaled(self) -> Tensor:
+        return self.w.data
+
+
+class SharedBasisWeight(LayerWeight):
+    kind = "shared_basis"
+
+    def __init__(self, n_latents: int, n_layers: int, d_model: int, role: Role, rank: int):
+        super().__init__(n_latents, n_layers, d_model, role)
+        self.rank = rank
+        self.g = nn.Parameter(torch.empty(n_layers, rank))
+        self.v = nn.Parameter(torch.empty(n_latents, rank, d_model))
+
+    def view(self) -> WeightView:
+        return SharedBasisView(self.g, self.v)
+
+    @torch.no_grad()
+    def init_random_(self, generator: torch.Generator) -> None:
+        q, _ = torch.linalg.qr(torch.randn(self.n_layers, self.rank, generator=generator))
+        self.g.copy_(q)  # orthonormal columns
+        self.v.copy_(torch.randn(self.v.shape, generator=generator))
+
+    @torch.no_grad()
+    def load_dense_(self, w: Tensor) -> None:
+        # G = top-R left singular vectors of the layer unfolding [L, m*d] (HOSVD step):
+        # exact when w already has layer rank <= R.
+        unfold = w.permute(1, 0, 2).reshape(self.n_layers, -1).double()
+        _, vecs = torch.linalg.eigh(unfold @ unfold.T)
+        g = vecs[:, -self.rank :].flip(-1).to(w.dtype)
+        self.g.copy_(g)
+        self.v.copy_(torch.einsum("lr,ild->ird", g, w))
+
+    def _latent_scaled(self) -> Tensor:
+        return self.v.data
+
+
+class PerLatentWeight(LayerWeight):
+    kind = "per_latent"
+
+    def __init__(self, n_latents: int, n_layers: int, d_model: int, role: Role, rank: int):
+        super().__init__(n_latents, n_layers, d_model, role)
+        self.rank = rank
+        self.a = nn.Parameter(torch.empty(n_latents, n_layers, rank))
+        self.b = nn.Parameter(torch.empty(n_latents, rank, d_model))
+
+    def view(self) -> WeightView:
+        return DenseView(torch.einsum("ilr,ird->ild", self.a, self.b))
+
+    @torch.no_grad()
+    def init_random_(self, generator: torch.Generator) -> None:
+        self.a.copy_(torch.randn(self.a.shape, generator=generator) / self.rank**0.5)
+        self.b.copy_(torch.randn(self.b.shape, generator=generator))
+
+    @torch.no_grad()
+    def load_dense_(self, w: Tensor) -> None:
+        # Per-latent truncated SVD of each [L, d] slice: the best rank-R fit of every row.
+        u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+        r = min(self.rank, s.shape[-1])
+        self.a.zero_()
+        self.b.zero_()
+        self.a[..., :r].copy_(u[..., :r] * s[:, None, :r])
+        self.b[:, :r].copy_(vh[:, :r])
+
+    def _latent_scaled(self) -> Tensor:
+        return self.b.data
+
+
+def build_weight(
+    kind: Factorization, n_latents: int, n_layers: int, d_model: int, role: Role, rank: int | None
+) -> LayerWeight:
+    if kind == "dense":
+        return DenseWeight(n_latents, n_layers, d_model, role)
+    assert rank is not None, f"{kind} needs a rank"
+    if kind == "shared_basis":
+        return SharedBasisWeight(n_latents, n_layers, d_model, role, rank)
+    if kind == "per_latent":
+        return PerLatentWeight(n_latents, n_layers, d_model, role, rank)
+    raise ValueError(f"unknown factorization {kind!r}")
+
+
+@torch.no_grad()
+def init_tied_(
+    encoder: LayerWeight, decoder: LayerWeight, norm: float, generator: torch.Generator
+) -> None:
+    """Small random decoder rows; the encoder starts as the decoder's transpose.
+
+    Same parameterisation and rank: the factors are copied. Otherwise the encoder is set to
+    the best fit of the decoder's dense expansion that its parameterisation allows.
+    """
+    decoder.init_random_(generator)
+    decoder.rescale_(norm)
+    same = type(encoder) is type(decoder) and getattr(encoder, "rank", 0) == getattr(
+        decoder, "rank", 0
+    )
+    if same:
+        for pe, pd in zip(encoder.parameters(), decoder.parameters(), strict=True):
+            pe.copy_(pd)
+    else:
+        encoder.load_dense_(decoder.view().expand())

@@ -1,0 +1,191 @@
+"""Functional coherence: how many layers a latent reads from, against how many it writes to.
+
+The encoder is additive over layers, so each active latent's pre-activation splits into
+per-layer contributions ``c_l = <x_l - mu_l, W_enc[l, :, i]>``; ``N_eff = 1 / sum p_l^2`` with
+``p = c^+ / sum c^+`` counts the layers that carry it (1..L). A decoder can look spread
+(``D_eff`` near L) while the function is local (``FC`` near 1): the abstract's claim, so
+both are reported, plus a masking test that zeroes one layer at a time.
+Everything streams; contributions are computed for blocks of latents on the tokens where
+the block is active, never as ``[tokens, L, m]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline.coders.base import Coder
+
+BLOCK_ELEMENTS = 1 << 24  # 64 MB of float32 contributions per block
+
+
+def normalised_mean(mean: Tensor, scale: Tensor, centred: bool) -> Tensor:
+    """The harvest mean in the units coders see: zero once centred, else ``mean * scale``."""
+    if centred:
+        return torch.zeros_like(mean, dtype=torch.float32)
+    return (mean * scale.view(-1, 1)).float()
+
+
+def effective_layers(c: Tensor, dim: int = -2) -> Tensor:
+    """``(sum c^+)^2 / sum (c^+)^2`` along ``dim``; NaN where no contribution is positive."""
+    pos = c.clamp_min(0)
+    total, energy = pos.sum(dim), pos.pow(2).sum(dim)
+    return torch.where(energy > 0, total.pow(2) / energy.clamp_min(1e-30), torch.nan)
+
+
+def decoder_spread(coder: Coder, scale: Tensor) -> np.ndarray:
+    """``D_eff = (sum n_l)^2 / sum n_l^2`` with raw-unit decoder norms ``n_l``; ``[m]``."""
+    with torch.no_grad():
+        norms = coder.decoder_norms().detach().cpu().double() / scale.double().cpu().view(1, -1)
+    return effective_layers(norms, dim=-1).numpy()
+
+
+@dataclass(frozen=True)
+class CoherenceResult:
+    """Per-latent FC (NaN where never active with a positive contribution) and its mean."""
+
+    fc: np.ndarray  # [m]
+    weight: np.ndarray  # [m] summed activations behind each FC
+    fc_mean: float  # over alive latents with a defined FC
+    n_alive: int
+    undefined_tokens: int  # active (latent, token) pairs whose contributions were all <= 0
+    n_layers: int
+
+    def histogram(self, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
+        """Counts and edges over ``[1, L]`` for the alive latents."""
+        values = self.fc[np.isfinite(self.fc)]
+        return np.histogram(values, bins=bins, range=(1.0, float(self.n_layers)))
+
+
+class CoherenceAccumulator:
+    """Activation-weighted sums of ``N_eff`` per latent, one batch at a time."""
+
+    def __init__(
+        self, coder: Coder, mu: Tensor | None = None, block_elements: int = BLOCK_ELEMENTS
+    ) -> None:
+        self.coder = coder
+        self.mu = None if mu is None else mu.float()
+        self.block_elements = block_elements
+        self.num = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.den = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.fired = torch.zeros(coder.n_latents, dtype=torch.bool)
+        self.undefined = 0
+
+    @torch.no_grad()
+    def update(self, x: Tensor, f: Tensor | None = None) -> None:
+        f = self.coder.encode(x) if f is None else f
+        active = f > 0
+        self.fired |= active.any(0).cpu()
+        xc = x if self.mu is None else x - self.mu.to(x.device)
+        cols = active.any(0).nonzero().squeeze(1)
+        block = max(1, self.block_elements // max(1, x.shape[0] * self.coder.n_layers))
+        for start in range(0, cols.numel(), block):
+            latents = cols[start : start + block]
+            sub = active[:, latents]
+            rows = sub.any(1).nonzero().squeeze(1)
+            if rows.numel() < x.shape[0] // 2:  # gather only when it saves real work
+                sub, x_rows = sub[rows], xc[rows]
+            else:
+                rows, x_rows = torch.arange(x.shape[0], device=x.device), xc
+            c = self.coder.layer_contributions(x_rows, latents)  # [r, L, k]
+            neff = effective_layers(c)
+            ok = sub & torch.isfinite(neff)
+            w = torch.where(ok, f[rows.unsqueeze(1), latents], 0).double()
+            self.num[latents.cpu()] += (w * torch.nan_to_num(neff).double()).sum(0).cpu()
+            self.den[latents.cpu()] += w.sum(0).cpu()
+            self.undefined += int((sub & ~ok).sum())
+
+    def result(self) -> CoherenceResult:
+        defined = self.den > 0
+        fc = torch.where(defined, self.num / self.den.clamp_min(1e-30), torch.nan).numpy()
+        finite = fc[np.isfinite(fc)]
+        return CoherenceResult(
+            fc=fc,
+            weight=self.den.numpy(),
+            fc_mean=float(finite.mean()) if finite.size else float("nan"),
+            n_alive=int(self.fired.sum()),
+            undefined_tokens=self.undefined,
+            n_layers=self.coder.n_layers,
+        )
+
+
+@dataclass(frozen=True)
+class MaskingResult:
+    """``ratio[l, i]``: latent i's mean activation with layer l masked over its clean mean."""
+
+    ratio: np.ndarray  # [L, m]
+    min_ratio: np.ndarray  # [m]
+    worst_layer: np.ndarray  # [m], -1 for latents never active
+    fragile: np.ndarray  # [m] bool: some single layer halves (or more) the activation
+    share_fragile: float  # over alive latents
+    n_alive: int
+
+
+class MaskingAccumulator:
+    """Zero one layer (its mean, in centred normalised units) and re-encode, for every layer."""
+
+    def __init__(
+        self,
+        coder: Coder,
+        mu: Tensor | None = None,
+        threshold: float = 0.5,
+        rescale: bool = False,
+    ) -> None:
+        self.coder, self.threshold, self.rescale = coder, threshold, rescale
+        self.mu = None if mu is None else mu.float()
+        self.clean = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.masked = torch.zeros(coder.n_layers, coder.n_latents, dtype=torch.float64)
+
+    def _mask(self, xc: Tensor, layer: int) -> Tensor:
+        out = xc.clone()
+        out[:, layer] = 0
+        if self.rescale:  # inverted dropout, as in the training-time masking option
+            out *= self.coder.n_layers / (self.coder.n_layers - 1)
+        return out if self.mu is None else out + self.mu.to(out.device)
+
+    @torch.no_grad()
+    def update(self, x: Tensor) -> None:
+        f = self.coder.encode(x)
+        active = f > 0
+        self.clean += torch.where(active, f, 0).double().sum(0).cpu()
+        xc = x if self.mu is None else x - self.mu.to(x.device)
+        for layer in range(self.coder.n_layers):
+            g = self.coder.encode(self._mask(xc, layer))
+            self.masked[layer] += torch.where(active, g, 0).double().sum(0).cpu()
+
+    def result(self) -> MaskingResult:
+        alive = self.clean > 0
+        ratio = torch.where(alive, self.masked / self.clean.clamp_min(1e-30), torch.nan)
+        min_ratio, worst = ratio.nan_to_num(torch.inf).min(0)
+        min_ratio = torch.where(alive, min_ratio, torch.nan)
+        fragile = alive & (min_ratio < self.threshold)
+        n_alive = int(alive.sum())
+        return MaskingResult(
+            ratio=ratio.numpy(),
+            min_ratio=min_ratio.numpy(),
+            worst_layer=torch.where(alive, worst, -1).numpy(),
+            fragile=fragile.numpy(),
+            share_fragile=float(fragile.sum()) / n_alive if n_alive else float("nan"),
+            n_alive=n_alive,
+        )
+
+
+def evaluate_coherence(
+    coder: Coder,
+    batches: Iterable[Tensor],
+    mu: Tensor | None = None,
+    masking: bool = True,
+    masking_threshold: float = 0.5,
+) -> tuple[CoherenceResult, MaskingResult | None]:
+    """One pass for FC and (optionally: L + 1 encodes per batch) the masking test."""
+    fc = CoherenceAccumulator(coder, mu)
+    mask = MaskingAccumulator(coder, mu, masking_threshold) if masking else None
+    for x in batches:
+        fc.update(x)
+        if mask is not None:
+            mask.update(x)
+    return fc.result(), None if mask is None else mask.result()

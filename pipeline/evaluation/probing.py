@@ -1,0 +1,259 @@
+"""One-vs-rest sparse probing (Gurnee et al.; SAEBench): can k latents find a concept?
+
+Latents are ranked on train by ``|mean(pos) - mean(neg)|`` after folding each latent's total
+decoder norm into its activation (a latent with a tiny decoder can have huge activations);
+the top k feed an L2 logistic regression, scored by test F1 and accuracy. Token concepts
+split by entity, sequence tasks by document; both balanced by default. The raw residual
+of one layer is the baseline: its d dims stand in for latents, one call per layer.
+Features are gathered only for the rows the probes need, sparse for codes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import sparse
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor
+
+from pipeline.coders.base import Coder
+from pipeline.evaluation.concepts import TokenConcepts, entity_split
+
+DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100)
+FeatureFn = Callable[[Tensor], Tensor]  # x[B, L, d] -> [B, F]
+Batches = Iterable[tuple[Tensor | np.ndarray, Tensor]]  # (global token rows [B], x[B, L, d])
+
+
+@dataclass(frozen=True)
+class ProbeSplit:
+    """Example ids (token rows or doc ids) and binary labels on each side."""
+
+    train: np.ndarray
+    y_train: np.ndarray
+    test: np.ndarray
+    y_test: np.ndarray
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([self.train, self.test])
+
+    def usable(self) -> bool:
+        """Both classes on both sides (a rare concept may have too few entities)."""
+        return all(y.any() and not y.all() for y in (self.y_train, self.y_test))
+
+
+def _take(ids: np.ndarray, n: int | None, rng: np.random.Generator) -> np.ndarray:
+    if n is None or n >= ids.size:
+        return np.sort(ids)
+    return np.sort(rng.choice(ids, size=n, replace=False))
+
+
+def _side(pos: np.ndarray, neg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.concatenate([pos, neg])
+    return ids, np.concatenate([np.ones(pos.size, bool), np.zeros(neg.size, bool)])
+
+
+def token_concept_split(
+    concepts: TokenConcepts,
+    concept: str,
+    candidates: np.ndarray,
+    doc_of_row: np.ndarray,
+    test_fraction: float = 0.3,
+    neg_per_pos: float | None = 1.0,
+    seed: int = 0,
+) -> ProbeSplit:
+    """Positives split by entity (none on both sides), negatives by document, then sampled
+    at ``neg_per_pos`` negatives per positive (None keeps every negative)."""
+    rng = np.random.default_rng(seed)
+    candidates = np.unique(candidates)
+    keep = np.isin(concepts.row, candidates) & (concepts.concept == concept)
+    rows, entities = concepts.row[keep], concepts.entity[keep]
+    is_test = entity_split(entities, test_fraction, seed)
+    negatives = np.setdiff1d(candidates, rows)
+    docs = np.unique(doc_of_row[negatives])
+    test_docs = rng.permutation(docs)[: round(test_fraction * docs.size)]
+    neg_test = np.isin(doc_of_row[negatives], test_docs)
+    sides = []
+    for pos, neg in ((rows[~is_test], negatives[~neg_test]), (rows[is_test], negatives[neg_test])):
+        pos = np.unique(pos)
+        n_neg = None if neg_per_pos is None else round(neg_per_pos * pos.size)
+        sides.append(_side(pos, _take(neg, n_neg, rng)))
+    return ProbeSplit(*sides[0], *sides[1])
+
+
+def sequence_split(
+    doc_ids: np.ndarray,
+    labels: np.ndarray,
+    target: str,
+    test_fraction: float = 0.3,
+    max_per_class: int | None = None,
+    seed: int = 0,
+) -> ProbeSplit:
+    """Balanced documents: as many of other classes as of ``target``, split by document."""
+    rng = np.random.default_rng(seed)
+    pos, neg = doc_ids[labels == target], doc_ids[labels != target]
+    n = min(pos.size, neg.size, max_per_class or pos.size)
+    pos, neg = rng.permutation(pos)[:n], rng.permutation(neg)[:n]
+    n_test = round(test_fraction * n)
+    train = _side(np.sort(pos[n_test:]), np.sort(neg[n_test:]))
+    test = _side(np.sort(pos[:n_test]), np.sort(neg[:n_test]))
+    return ProbeSplit(*train, *test)
+
+
+def decoder_norm_weights(coder: Coder, scale: Tensor | None = None) -> Tensor:
+    """Per latent, ``sum_l ||W_dec[i, l]||`` (raw units when ``scale`` is given)."""
+    with torch.no_grad():
+        norms = coder.decoder_norms().detach().float()
+        if scale is not None:
+            norms = norms / scale.to(norms).view(1, -1)
+        return norms.sum(-1)
+
+
+def coder_features(coder: Coder, scale: Tensor | None = None, fold: bool = True) -> FeatureFn:
+    """Codes, with decoder norms folded in unless ``fold=False``."""
+    weights = decoder_norm_weights(coder, scale) if fold else None
+
+    def features(x: Tensor) -> Tensor:
+        f = coder.encode(x)
+        return f if weights is None else f * weights.to(f)
+
+    return features
+
+
+def residual_features(layer: int) -> FeatureFn:
+    """The baseline: layer ``layer``'s residual dims as features."""
+    return lambda x: x[:, layer]
+
+
+@torch.no_grad()
+def collect_rows(
+    batches: Batches, rows: np.ndarray, features: FeatureFn, as_sparse: bool = True
+) -> tuple[sparse.csr_matrix | np.ndarray, np.ndarray]:
+    """Features of the wanted rows; returns ``(X, index)``, ``X[j]`` belonging to ``index[j]``.
+    A row seen twice keeps its first features."""
+    index = np.unique(rows)
+    if index.size == 0:
+        raise ValueError("collect_rows: no rows wanted")
+    found = np.zeros(index.size, bool)
+    positions: list[np.ndarray] = []
+    blocks: list[sparse.csr_matrix | np.ndarray] = []
+    for batch_rows, x in batches:
+        pos = np.searchsorted(index, np.asarray(batch_rows)).clip(max=max(index.size - 1, 0))
+        hit = (index[pos] == np.asarray(batch_rows)) & ~found[pos]
+        pos, first = np.unique(pos[hit], return_index=True)
+        if not pos.size:
+            continue
+        feats = features(x[torch.from_numpy(np.flatnonzero(hit)[first])]).float().cpu().numpy()
+        found[pos] = True
+        positions.append(pos)
+        blocks.append(sparse.csr_matrix(feats) if as_sparse else feats)
+    if not found.all():
+        raise ValueError(f"collect_rows: {int((~found).sum())} wanted rows never appeared")
+    order = np.argsort(np.concatenate(positions))
+    if as_sparse:
+        return sparse.vstack(blocks, format="csr")[order], index
+    return np.concatenate(blocks)[order], index
+
+
+@torch.no_grad()
+def pool_documents(
+    batches: Batches, doc_of_row: np.ndarray, doc_ids: np.ndarray, features: FeatureFn
+) -> np.ndarray:
+    """Mean of the features over each document's tokens (``doc_of_row`` -1 for specials)."""
+    doc_ids = np.asarray(doc_ids)
+    order = np.argsort(doc_ids)
+    sorted_ids = doc_ids[order]
+    sums: Tensor | None = None
+    counts = torch.zeros(doc_ids.size, dtype=torch.float64)
+    for batch_rows, x in batches:
+        docs = doc_of_row[np.asarray(batch_rows)]
+        at = np.searchsorted(sorted_ids, docs).clip(max=doc_ids.size - 1)
+        slot = np.where((sorted_ids[at] == docs) & (docs >= 0), order[at], -1)
+        hit = np.flatnonzero(slot >= 0)
+        if not hit.size:
+            continue
+        f = features(x[torch.from_numpy(hit)]).double().cpu()
+        sums = torch.zeros(doc_ids.size, f.shape[1], dtype=torch.float64) if sums is None else sums
+        target = torch.from_numpy(slot[hit])
+        sums.index_add_(0, target, f)
+        counts.index_add_(0, target, torch.ones(hit.size, dtype=torch.float64))
+    if sums is None or (counts == 0).any():
+        raise ValueError("pool_documents: some documents had no tokens in the batches")
+    return (sums / counts[:, None]).float().numpy()
+
+
+def rank_features(X: sparse.spmatrix | np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Feature indices, best first, by ``|mean(pos) - mean(neg)|``."""
+    gap = np.asarray(X[y].mean(0)).ravel() - np.asarray(X[~y].mean(0)).ravel()
+    return np.argsort(-np.abs(gap), kind="stable")
+
+
+@dataclass(frozen=True)
+class ProbeScore:
+    concept: str
+    k: int
+    f1: float
+    accuracy: float
+    n_train: int
+    n_test: int
+    features: np.ndarray  # the k features used
+
+
+def probe_concept(
+    X: sparse.spmatrix | np.ndarray,
+    index: np.ndarray,
+    split: ProbeSplit,
+    concept: str,
+    ks: Iterable[int] = DEFAULT_KS,
+    C: float = 1.0,
+    standardize: bool = True,
+    seed: int = 0,
+) -> list[ProbeScore]:
+    """Rank on train, fit on the top k, score on test, for each k (capped at #features)."""
+    train, test = np.searchsorted(index, split.train), np.searchsorted(index, split.test)
+    if not split.usable():
+        raise ValueError(f"probe_concept({concept!r}): train and test each need both classes")
+    X_train, X_test = X[train], X[test]
+    order = rank_features(X_train, split.y_train)
+    scores = []
+    for k in sorted({min(k, X.shape[1]) for k in ks}):
+        cols = order[:k]
+        a, b = X_train[:, cols], X_test[:, cols]
+        a, b = (a.toarray(), b.toarray()) if sparse.issparse(a) else (a, b)
+        model = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+        clf = make_pipeline(StandardScaler(), model) if standardize else model
+        pred = clf.fit(a, split.y_train).predict(b)
+        f1 = f1_score(split.y_test, pred, zero_division=0.0)
+        acc = accuracy_score(split.y_test, pred)
+        scores.append(ProbeScore(concept, k, float(f1), float(acc), train.size, test.size, cols))
+    return scores
+
+
+def probe_all(
+    X: sparse.spmatrix | np.ndarray,
+    index: np.ndarray,
+    splits: dict[str, ProbeSplit],
+    ks: Iterable[int] = DEFAULT_KS,
+    **kwargs: Any,
+) -> list[ProbeScore]:
+    """Every usable concept's probes against one feature matrix; unusable splits are skipped."""
+    ks = tuple(ks)
+    splits = {c: s for c, s in splits.items() if s.usable()}
+    return [
+        s for c, split in splits.items() for s in probe_concept(X, index, split, c, ks, **kwargs)
+    ]
+
+
+def mean_f1_by_k(scores: Iterable[ProbeScore]) -> dict[int, float]:
+    """Mean test F1 over concepts, per k."""
+    by_k: dict[int, list[float]] = defaultdict(list)
+    for s in scores:
+        by_k[s.k].append(s.f1)
+    return {k: float(np.mean(v)) for k, v in sorted(by_k.items())}

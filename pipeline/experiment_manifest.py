@@ -1,0 +1,75 @@
+"""The experiment manifest: one harvest, many coder variants, one evaluation.
+
+Each variant is a coder manifest written as overrides of the shared ``defaults``
+(deep-merged), so a sweep or an ablation is a few lines, and every variant trains from
+the same cache.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from pipeline.harvest_manifest import Strict
+from pipeline.manifest_io import ManifestError, read_mapping, validate
+from pipeline.train_manifest import CoderManifest
+
+
+class EvaluationSpec(Strict):
+    judge: str = Field("purity", description="purity (offline) | openai | transformers.")
+    latents_sampled: int = Field(24, ge=0, description="Latents judged and given report pages.")
+    max_tokens: int | None = Field(None, ge=1, description="Cap on held-out tokens evaluated.")
+    splice: bool = Field(False, description="Spliced-in CE/KL score (runs the model).")
+
+
+class ExperimentManifest(Strict):
+    name: str = Field(description="Experiment name; results go to results/<name>/.")
+    harvest: str = Field(description="Harvest manifest path, relative to this file.")
+    defaults: dict[str, Any] = Field(
+        default_factory=dict, description="Coder-manifest fields shared by every variant."
+    )
+    variants: list[dict[str, Any]] = Field(description="Per-variant overrides (name required).")
+    evaluation: EvaluationSpec = EvaluationSpec()
+    results_dir: str | None = Field(None, description="Default: results/<name> beside the repo.")
+
+    @model_validator(mode="after")
+    def _distinct_names(self) -> ExperimentManifest:
+        names = [v.get("name") for v in self.variants]
+        if None in names:
+            raise ValueError("every entry of variants needs a name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"variants: names must be distinct, got {names}")
+        return self
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def variant_manifests(
+    experiment: ExperimentManifest, base: Path, source: str
+) -> list[tuple[CoderManifest, Path]]:
+    """Every variant as a validated coder manifest naming the experiment's harvest."""
+    out = []
+    for index, variant in enumerate(experiment.variants):
+        data = deep_merge(experiment.defaults, variant)
+        data["cache"] = {"harvest_manifest": experiment.harvest}
+        label = f"{source} (variants[{index}] '{variant['name']}')"
+        out.append((validate(CoderManifest, data, label), base))
+    return out
+
+
+def load_experiment(path: str | Path) -> tuple[ExperimentManifest, Path]:
+    path = Path(path)
+    experiment = validate(ExperimentManifest, read_mapping(path), str(path))
+    if not (path.parent / experiment.harvest).is_file():
+        raise ManifestError(f"{path}: field 'harvest': no file {path.parent / experiment.harvest}")
+    return experiment, path.parent
