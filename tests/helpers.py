@@ -18,3 +18,18 @@ TINY = {
 
 def harvest_tiny(cache_root: Path) -> Path:
     return harvest.run(HarvestManifest.model_validate(TINY), cache_root).path
+
+
+# A small real store: SmolLM2-135M over English Wikipedia summaries, four layers.
+REAL_SMALL = {
+    "model": {"source": "packaged", "name": "smollm2-135m"},
+    "text": {"source": "wiki_summaries", "languages": ["en"]},
+    "tokenization": {"context_length": 128, "num_tokens": 4096},
+    "hooks": {"layers": [0, 10, 20, 29]},
+    "storage": {"chunk_tokens": 1024},
+    "run": {"progress": False},
+}
+
+
+def harvest_real_small(cache_root: Path) -> Path:
+    return harvest.run(HarvestManifest.model_validate(REAL_SMALL), cache_root).path
