@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -229,7 +230,24 @@ class SparseCoder(Coder):
         return self.activation(pre)
 
     def decode(self, f: Tensor) -> Tensor:
-        return self.decoder_view().decode(f) + self.b_dec
+        dec = self.decoder_view()
+        if torch.is_grad_enabled() and f.requires_grad:
+            return dec.decode(f) + self.b_dec  # callers may want dL/df everywhere
+        return dec.decode_sparse(f) + self.b_dec  # exact when f needs no gradient
+
+    # Activations whose backward reads dL/df only where f != 0, so that the sparse decode
+    # (which gives f its gradient on its support alone) is exact for them. Not JumpReLU: its
+    # threshold pseudo-derivative reads dL/df just below the threshold, where f == 0.
+    _SUPPORT_GRADIENT_ACTIVATIONS = ("relu", "topk", "batchtopk")
+
+    def _decode_codes(self, dec: WeightView, f: Tensor) -> Tensor:
+        """Decode the activation's training codes (no bias): sparse when the activation allows
+        it; TopK bounds the nonzeros per row (no host sync), the others are measured."""
+        c = self.config
+        if c.activation not in self._SUPPORT_GRADIENT_ACTIVATIONS:
+            return dec.decode(f)
+        bound = c.k * c.n_groups if c.activation == "topk" and c.k is not None else None
+        return dec.decode_sparse(f, bound)
 
     def decoder_norms(self) -> Tensor:
         return self.decoder_view().layer_norms()
@@ -278,7 +296,7 @@ class SparseCoder(Coder):
         x_in, token_mask = self._training_input(x, step, generator)
         pre = enc.encode(x_in) + self.b_enc
         f = self.activation(pre)
-        x_hat = dec.decode(f) + self.b_dec
+        x_hat = self._decode_codes(dec, f) + self.b_dec
         sq_err = (x_hat - x).pow(2)
         recon = sq_err.sum((1, 2)).mean()
         if c.activation == "relu":
@@ -293,7 +311,9 @@ class SparseCoder(Coder):
         auxk = recon.new_zeros(())
         if c.auxk_coefficient > 0 and bool(dead.any()):
             residual = (x - x_hat).detach()
-            auxk = auxk_loss(pre, dead, residual, dec.decode, c.resolved_auxk_k, c.n_groups)
+            # AuxK's codes are a TopK (+ ReLU) of pre: sparse decode is exact for any activation
+            decode = partial(dec.decode_sparse, max_active=c.resolved_auxk_k * c.n_groups)
+            auxk = auxk_loss(pre, dead, residual, decode, c.resolved_auxk_k, c.n_groups)
             loss = loss + c.auxk_coefficient * auxk
         ctx = {"x": x, "x_in": x_in, "token_mask": token_mask, "codes": f, "dec": dec, "enc": enc}
         extra = self._extra_losses(ctx, step, total_steps)
