@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
 
 import click
@@ -64,8 +65,29 @@ def main() -> None:
 @cache_root_option
 @click.option("--device", default=None, help="Override run.device (cpu, cuda, cuda:1).")
 @click.option("--batch-size", type=int, default=None, help="Override run.batch_size.")
+# --- distributed harvest (stages/distributed_harvest.py) ---
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Harvest on dask workers: a scheduler address (tcp://host:8786), or local:N to "
+    "start N worker processes here. The store must be on a filesystem the workers share.",
+)
+@click.option(
+    "--shard-blocks",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Blocks per dask task (the unit of retry); default: about 4 tasks per worker.",
+)
+# --- end distributed harvest ---
 @user_errors
-def harvest(manifest: Path, cache_root: Path | None, device: str | None, batch_size: int | None):
+def harvest(
+    manifest: Path,
+    cache_root: Path | None,
+    device: str | None,
+    batch_size: int | None,
+    scheduler: str | None,
+    shard_blocks: int | None,
+):
     """Run the model over the manifest's text and store every hooked layer.
 
     A second run with the same manifest is a cache hit; a killed run resumes.
@@ -73,6 +95,7 @@ def harvest(manifest: Path, cache_root: Path | None, device: str | None, batch_s
     \b
     Example:
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml
+      pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml --scheduler local:2
     """
     from pipeline.harvest_manifest import load_harvest_manifest
     from stages import harvest as harvest_stage
@@ -81,7 +104,9 @@ def harvest(manifest: Path, cache_root: Path | None, device: str | None, batch_s
     overrides = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v}
     if overrides:
         spec = spec.model_copy(update={"run": spec.run.model_copy(update=overrides)})
-    result = harvest_stage.run(spec, cache_root, manifest_source=str(manifest))
+    result = harvest_stage.run(
+        spec, cache_root, str(manifest), scheduler=scheduler, shard_blocks=shard_blocks
+    )
     status = (
         "cache hit" if result.cache_hit else f"harvested at {result.tokens_per_second:,.0f} tok/s"
     )
@@ -155,6 +180,7 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
     \b
     Example:
       pipeline train manifests/coders/smoke-crosscoder.yaml manifests/coders/smoke-fmxcoder.yaml
+      torchrun --nproc-per-node 2 $(which pipeline) train manifests/coders/tiny-crosscoder.yaml
     """
     from pipeline.train_manifest import load_coder_manifest
     from stages import train as train_stage
@@ -165,6 +191,136 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
         if device:
             spec = spec.model_copy(update={"run": spec.run.model_copy(update={"device": device})})
         loaded.append((spec, base))
-    for result in train_stage.run(loaded):
+    results = train_stage.run(loaded)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
+        return
+    for result in results:
         status = "already trained" if result.skipped else f"{result.steps} steps"
         click.echo(f"{result.name:<28}{status:<18}{result.run_dir}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Report directory (default: $FMX_DATA_DIR/reports/<cache key>-<digest>).",
+)
+@click.option(
+    "--judge",
+    type=click.Choice(["purity", "openai", "transformers"]),
+    default="purity",
+    show_default=True,
+    help="purity: offline proxy; openai: FMX_JUDGE_BASE_URL/MODEL/API_KEY; transformers: "
+    "the packaged SmolLM2-Instruct (weak, offline).",
+)
+@click.option(
+    "--max-tokens", type=click.IntRange(min=1), default=None, help="Cap on held-out tokens."
+)
+@click.option(
+    "--latents-sampled",
+    type=click.IntRange(min=0),
+    default=24,
+    show_default=True,
+    help="Alive latents per variant that are judged and get a report page.",
+)
+@click.option("--no-splice", is_flag=True, help="Skip the spliced-in CE/KL score (no model load).")
+@click.option(
+    "--splice-windows",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Context windows scored by the splice (each costs one forward per layer and variant).",
+)
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, auto.")
+@cache_root_option
+@user_errors
+def evaluate(
+    runs: tuple[Path, ...],
+    out: Path | None,
+    judge: str,
+    max_tokens: int | None,
+    latents_sampled: int,
+    no_splice: bool,
+    splice_windows: int,
+    device: str,
+    cache_root: Path | None,
+) -> None:
+    """Evaluate trained variants side by side on the cache's held-out documents.
+
+    RUNS are run directories, checkpoint directories or coder manifests. Writes each
+    variant's metrics into its run directory, and tables, plots and an HTML report
+    (index.html) into the report directory.
+
+    \b
+    Example:
+      pipeline evaluate manifests/coders/tiny-crosscoder.yaml manifests/coders/tiny-fmxcoder.yaml
+      pipeline evaluate runs/2aedd5f3*/* --max-tokens 4096 --no-splice --out report/
+    """
+    from pipeline.evaluation.judge import JudgeError
+    from pipeline.evaluation.results import format_table, read_summaries
+    from stages import evaluate as evaluate_stage
+
+    options = evaluate_stage.EvaluateOptions(
+        judge=judge,
+        latents_sampled=latents_sampled,
+        max_tokens=max_tokens,
+        splice=not no_splice,
+        splice_windows=splice_windows,
+        device=device,
+        cache_root=cache_root,
+    )
+    try:
+        report = evaluate_stage.run(list(runs), out, options)
+    except JudgeError as err:
+        raise click.ClickException(f"judge: {err}") from None
+    click.echo(format_table(read_summaries(report)))
+    click.echo(f"\nreport: {report / 'index.html'}")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@user_errors
+def compare(runs: tuple[Path, ...]) -> None:
+    """Print saved evaluation results of several variants side by side.
+
+    RUNS are run directories (their latest evaluation) or report directories.
+
+    \b
+    Example:
+      pipeline compare ~/.cache/fmxcoders/runs/2aedd5f32f234901/*
+    """
+    from pipeline.evaluation.results import format_table, read_summaries
+
+    rows = [row for run in runs for row in read_summaries(run)]
+    click.echo(format_table(rows))
+
+
+@main.command(name="run")
+@click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--results",
+    "results_root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where results/<name>/ goes (default: ./results).",
+)
+@click.option("--device", default=None, help="Override every device setting (cpu, cuda).")
+@user_errors
+def run_experiment(experiment: Path, results_root: Path | None, device: str | None) -> None:
+    """Harvest once, train every variant, evaluate them, write the paper's table.
+
+    Each step is skipped when its output exists, so an interrupted experiment resumes.
+
+    \b
+    Example:
+      pipeline run manifests/experiments/smoke.yaml
+    """
+    from pipeline.results_table import render_markdown
+    from stages import experiment as experiment_stage
+
+    result = experiment_stage.run(experiment, results_root, device)
+    summary = json.loads((result.results / "report" / "results.json").read_text())
+    click.echo(render_markdown(result.table, summary))
+    click.echo(f"results: {result.results}  (report: {result.results / 'report' / 'index.html'})")

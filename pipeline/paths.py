@@ -9,6 +9,8 @@ Layout::
       cache/<key>.incomplete/           a store being harvested (resumable)
       cache/<key>.lock                  held while harvesting
       runs/<key>/<coder-hash>/          a training run (RunPaths)
+      runs/<key>/<coder-hash>/evaluation/   that run's latest evaluation (EvaluationPaths)
+      reports/<key>-<digest>/           a side-by-side evaluation report (ReportPaths)
 """
 
 from __future__ import annotations
@@ -36,6 +38,10 @@ def default_cache_root() -> Path:
 
 def default_runs_root() -> Path:
     return Path(os.environ.get("FMX_RUNS_DIR", data_dir() / "runs"))
+
+
+def default_reports_root() -> Path:
+    return Path(os.environ.get("FMX_REPORTS_DIR", data_dir() / "reports"))
 
 
 def store_dir(cache_root: Path, key: str) -> Path:
@@ -127,3 +133,86 @@ class RunPaths:
 
 def run_dir(runs_root: Path, cache_key: str, coder_hash: str) -> Path:
     return runs_root / cache_key / coder_hash
+
+
+@dataclass(frozen=True)
+class EvaluationPaths:
+    """One variant's evaluation results (inside its run directory)."""
+
+    root: Path
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.json"
+
+    @property
+    def per_layer(self) -> Path:
+        return self.root / "per_layer.parquet"
+
+    @property
+    def latents(self) -> Path:
+        return self.root / "latents.parquet"
+
+    @property
+    def probing(self) -> Path:
+        return self.root / "probing.parquet"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """A side-by-side evaluation of several variants: tables, plots, HTML."""
+
+    root: Path
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "results.json"
+
+    def table(self, name: str) -> Path:
+        """Combined long tables: variants, per_layer, probing, latents, sampled."""
+        return self.root / f"{name}.parquet"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    def plot(self, name: str) -> Path:
+        return self.plots / f"{name}.png"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index.html"
+
+    def latent_page(self, variant_slug: str, latent: int) -> Path:
+        return self.root / "latents" / variant_slug / f"{latent}.html"
+
+
+def report_dir(reports_root: Path, cache_key: str, digest: str) -> Path:
+    return reports_root / f"{cache_key}-{digest}"
+
+
+@dataclass(frozen=True)
+class ExperimentPaths:
+    """What ``pipeline run`` writes for one experiment (committed under results/)."""
+
+    root: Path
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def table_json(self) -> Path:
+        return self.root / "table.json"
+
+    @property
+    def table_markdown(self) -> Path:
+        return self.root / "table.md"
+
+    @property
+    def experiment_manifest(self) -> Path:
+        return self.root / "experiment.yaml"
+
+    @property
+    def harvest_manifest(self) -> Path:
+        return self.root / "harvest.yaml"

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -30,6 +31,9 @@ from pipeline.coders.base import Coder
 from pipeline.paths import RunPaths
 from pipeline.store_format import atomic_write_json
 from pipeline.train_manifest import CoderManifest, TrainingSpec
+
+if TYPE_CHECKING:
+    from pipeline.ddp import DistributedContext
 
 
 def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
@@ -59,6 +63,7 @@ class CoderRun:
     optimizer: torch.optim.Optimizer = field(init=False)
     log_time: float = field(default_factory=time.perf_counter)
     log_step: int = 0
+    dist: DistributedContext | None = None  # torchrun: this rank's place (pipeline/ddp.py)
 
     def __post_init__(self) -> None:
         spec = self.manifest.training
@@ -75,6 +80,11 @@ class CoderRun:
     def done(self) -> bool:
         return self.step >= self.total_steps
 
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes the run's files (rank 0, or no distributed run)."""
+        return self.dist is None or self.dist.is_main
+
     def autocast(self):
         precision = self.manifest.training.precision
         use_bf16 = precision == "bfloat16" or (precision == "auto" and self.device.type == "cuda")
@@ -85,9 +95,14 @@ class CoderRun:
         for group in self.optimizer.param_groups:
             group["lr"] = spec.lr * lr_factor(self.step, self.total_steps, spec)
         with self.autocast():
-            out = self.coder.training_loss(batch, self.step, self.total_steps)
+            if self.dist is None:
+                out = self.coder.training_loss(batch, self.step, self.total_steps)
+            else:  # this rank's rows of the global batch (pipeline/ddp.py)
+                out = self.dist.training_loss(self.coder, batch, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
+        if self.dist is not None:
+            self.dist.reduce_gradients(self.coder)
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.coder.parameters(), spec.grad_clip)
         self.optimizer.step()
@@ -98,6 +113,8 @@ class CoderRun:
 
     def save_checkpoint(self) -> None:
         """A new directory per checkpoint; older ones go only once it is complete."""
+        if not self.is_main:
+            return
         target = self.paths.checkpoint(self.step)
         tensors, skeleton = flatten_state(self.optimizer.state_dict())
         save_coder(target, self.coder, {"step": self.step})
@@ -109,6 +126,8 @@ class CoderRun:
                 shutil.rmtree(old, ignore_errors=True)
 
     def save_final(self) -> None:
+        if not self.is_main:
+            return
         extra = {
             "step": self.step,
             "name": self.manifest.name,
@@ -133,7 +152,8 @@ class CoderRun:
             tensors = {k: v.to(self.device) for k, v in tensors.items()}
             self.optimizer.load_state_dict(unflatten_state(tensors, meta["skeleton"]))
             self.step = int(meta["step"])
-            _truncate_log(self.paths.metrics, self.step)
+            if self.is_main:
+                _truncate_log(self.paths.metrics, self.step)
             return
 
 
@@ -145,17 +165,25 @@ def _truncate_log(path: Path, step: int) -> None:
 
 
 def new_coder_run(
-    manifest: CoderManifest, config, paths: RunPaths, cache_key: str, device: torch.device
+    manifest: CoderManifest,
+    config,
+    paths: RunPaths,
+    cache_key: str,
+    device: torch.device,
+    dist: DistributedContext | None = None,
 ) -> CoderRun:
     paths.root.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(
-        paths.manifest,
-        {
-            "cache_key": cache_key,
-            "manifest": manifest.model_dump(mode="json"),
-            "coder": config.model_dump(mode="json"),
-        },
-    )
-    run = CoderRun(manifest, build_coder(config), paths, config, cache_key, device)
+    if dist is None or dist.is_main:
+        atomic_write_json(
+            paths.manifest,
+            {
+                "cache_key": cache_key,
+                "manifest": manifest.model_dump(mode="json"),
+                "coder": config.model_dump(mode="json"),
+            },
+        )
+    run = CoderRun(manifest, build_coder(config), paths, config, cache_key, device, dist=dist)
     run.try_resume()
+    if dist is not None:
+        dist.sync_run(run.coder, run.step)
     return run

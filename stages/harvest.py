@@ -2,7 +2,8 @@
 
 The model runs in the main thread; a writer thread compresses and writes each finished
 block while the next is computed, so storage overlaps the forward. A second run with
-the same manifest is a cache hit; a killed run resumes from its block markers.
+the same manifest is a cache hit; a killed run resumes from its block markers. With a
+dask scheduler, shards of blocks run on workers instead (stages/distributed_harvest.py).
 """
 
 from __future__ import annotations
@@ -96,14 +97,19 @@ class _BlockWriterThread:
             raise self.error
 
 
-def _harvest_blocks(
+def harvest_blocks(
     model: ActivationModel,
     windows: TokenWindows,
     writer: StoreWriter,
     hook_names: list[str],
     manifest: HarvestManifest,
+    blocks: list[int] | None = None,
 ) -> float:
-    """Run every missing block; returns tokens/s of this run."""
+    """Run every missing block (of ``blocks``, default all); returns tokens/s of this run.
+
+    Shared by the single-process path and the distributed shards (stages/distributed_harvest.py),
+    so both batch the windows of a block identically and store the same bits.
+    """
     ctx = manifest.tokenization.context_length
     batch_size = manifest.run.batch_size
     dtype = TORCH_STORAGE[manifest.storage.dtype]
@@ -111,6 +117,9 @@ def _harvest_blocks(
     pin = device.type == "cuda"
     special = windows.tokens["is_special"].to_numpy(zero_copy_only=False)
     missing = writer.missing_blocks()
+    if blocks is not None:  # a distributed shard: its own blocks only
+        wanted = set(blocks)
+        missing = [b for b in missing if b in wanted]
     total = sum(stop - start for start, stop in map(writer.block_rows, missing))
     bar = tqdm(
         total=total, unit="tok", unit_scale=True, desc="harvest", disable=not manifest.run.progress
@@ -146,10 +155,60 @@ def _harvest_blocks(
     return total / elapsed if elapsed > 0 else float("nan")
 
 
+def create_store(
+    paths: StorePaths,
+    manifest: HarvestManifest,
+    key: str,
+    manifest_source: str,
+    windows: TokenWindows,
+    model_shape: tuple[int, int],
+    hook_names: list[str],
+) -> StoreWriter:
+    """Tables, manifest.json and every array at final shape: all a harvest writes up front.
+
+    ``model_shape`` is ``(d_model, n_layers)``. The distributed coordinator calls this too,
+    before any worker writes a block.
+    """
+    d_model, n_layers = model_shape
+    _write_tables(paths, windows)
+    atomic_write_json(
+        paths.manifest,
+        {
+            "key": key,
+            "source": manifest_source,
+            "manifest": manifest.model_dump(mode="json"),
+            "key_material": key_material(manifest),
+            "d_model": d_model,
+            "model_n_layers": n_layers,
+        },
+    )
+    return StoreWriter(paths, hook_names, windows.n_tokens, d_model, manifest.storage)
+
+
+def _harvest_here(
+    manifest: HarvestManifest, paths: StorePaths, key: str, manifest_source: str
+) -> tuple[StoreWriter, float]:
+    """The single-process path: the model runs in this process."""
+    model = load_model(manifest.model, manifest.run.device)
+    windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
+    hook_names = model.hook_names(manifest.hooks)
+    shape = (model.d_model, model.n_layers)
+    writer = create_store(paths, manifest, key, manifest_source, windows, shape, hook_names)
+    return writer, harvest_blocks(model, windows, writer, hook_names, manifest)
+
+
 def run(
-    manifest: HarvestManifest, cache_root: Path | None = None, manifest_source: str = ""
+    manifest: HarvestManifest,
+    cache_root: Path | None = None,
+    manifest_source: str = "",
+    scheduler: str | None = None,
+    shard_blocks: int | None = None,
 ) -> HarvestResult:
-    """Harvest the manifest's activations, or return the finished store if it exists."""
+    """Harvest the manifest's activations, or return the finished store if it exists.
+
+    ``scheduler`` (a dask address, or ``local:N``) spreads the blocks over dask workers;
+    ``shard_blocks`` is the number of blocks per task there (default: automatic).
+    """
     key = cache_key(manifest)
     root = resolve_cache_root(manifest, cache_root)
     final = store_dir(root, key)
@@ -162,25 +221,14 @@ def run(
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(root, key))
         paths.root.mkdir(parents=True, exist_ok=True)
-        model = load_model(manifest.model, manifest.run.device)
-        windows = build_windows(
-            load_documents(manifest.text), model.tokenizer, manifest.tokenization
-        )
-        _write_tables(paths, windows)
-        atomic_write_json(
-            paths.manifest,
-            {
-                "key": key,
-                "source": manifest_source,
-                "manifest": manifest.model_dump(mode="json"),
-                "key_material": key_material(manifest),
-                "d_model": model.d_model,
-                "model_n_layers": model.n_layers,
-            },
-        )
-        hook_names = model.hook_names(manifest.hooks)
-        writer = StoreWriter(paths, hook_names, windows.n_tokens, model.d_model, manifest.storage)
-        rate = _harvest_blocks(model, windows, writer, hook_names, manifest)
+        if scheduler is None:
+            writer, rate = _harvest_here(manifest, paths, key, manifest_source)
+        else:
+            from stages.distributed_harvest import harvest_on_cluster  # dask only when asked
+
+            writer, rate = harvest_on_cluster(
+                manifest, paths, key, manifest_source, scheduler, shard_blocks
+            )
         summary = writer.finalize(time.perf_counter() - started)
         write_statistics(paths.stats, summary["totals"], summary["count"])
         write_completion(paths.completion, summary["record"])

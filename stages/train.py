@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
 from pipeline.catalog import find_store
+from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
@@ -90,9 +91,16 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
     start = min(r.step for r in active)
     total = max(r.total_steps for r in active)
     per_epoch = loader.steps_per_epoch()
-    writers = {id(r): _tensorboard(r) for r in active}
+    main = all(r.is_main for r in active)  # torchrun: rank 0 alone logs
+    writers = {id(r): _tensorboard(r) if main else None for r in active}
     names = ", ".join(r.manifest.name for r in active)
-    bar = tqdm(total=total, initial=start, unit="step", desc=f"train {names}", disable=not progress)
+    bar = tqdm(
+        total=total,
+        initial=start,
+        unit="step",
+        desc=f"train {names}",
+        disable=not (progress and main),
+    )
     step = start
     for run in active:
         run.log_time, run.log_step = time.perf_counter(), run.step
@@ -105,7 +113,7 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
                         continue
                     terms = run.train_step(batch)
                     spec = run.manifest.training
-                    if run.step % spec.log_every == 0 or run.done:
+                    if main and (run.step % spec.log_every == 0 or run.done):
                         now = time.perf_counter()
                         elapsed = max(now - run.log_time, 1e-9)
                         rate = (run.step - run.log_step) * spec.batch_size / elapsed
@@ -127,7 +135,11 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
 
 
 def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
-    """Train every manifest (``(manifest, base dir for relative paths)``) from its cache."""
+    """Train every manifest (``(manifest, base dir for relative paths)``) from its cache.
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains its rows of each batch (pipeline/ddp.py).
+    """
+    dist = init_from_env()
     groups: dict[tuple, list[CoderRun]] = defaultdict(list)
     stores: dict[tuple, tuple[ActivationStore, list[int], CoderManifest]] = {}
     results = []
@@ -141,9 +153,11 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
         device = resolve_device(manifest.run.device)
+        if dist is not None:
+            device = dist.device(device)
         spec = manifest.training
         signature = (store.key, tuple(layers), spec.batch_size, spec.seed, spec.centre, str(device))
-        groups[signature].append(new_coder_run(manifest, config, paths, store.key, device))
+        groups[signature].append(new_coder_run(manifest, config, paths, store.key, device, dist))
         stores[signature] = (store, layers, manifest)
     for signature, runs in groups.items():
         store, layers, manifest = stores[signature]
@@ -158,6 +172,8 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             centre=spec.centre,
             mode=manifest.run.loader_mode,
         )
+        if dist is not None:
+            dist.check_batches(loader.n_tokens, spec.batch_size)
         try:
             _train_group(runs, loader, manifest.run.progress)
         finally:

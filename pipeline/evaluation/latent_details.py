@@ -1,0 +1,282 @@
+"""Sampled latents in detail: marked contexts, per-layer profiles, logit effects, ratings.
+
+The main pass keeps each latent's top rows; the windows around them need the latent's
+activation on neighbouring tokens too, so a second, short pass decodes only the chunks
+that hold those windows (one chunk at a time) and encodes the needed rows for every
+variant. Ratings come from an LLM judge (``openai``, ``transformers``) or the offline
+``purity`` proxy: purity of a latent's top contexts by topic, language or gazetteer class
+against base rates, where document-level labels count each document once (top tokens
+cluster in one document, which would make any latent look pure by topic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from pipeline.evaluation.concepts import TokenConcepts, row_classes, sequence_labels, token_classes
+from pipeline.evaluation.judge import (
+    ChatBackend,
+    OpenAIJudge,
+    TransformersJudge,
+    judge_latents,
+    purity_scores,
+)
+from pipeline.evaluation.run_metrics import VariantResult
+from pipeline.evaluation.top_contexts import TokenView, format_context, window_rows
+from pipeline.store import ActivationStore
+
+BEFORE, AFTER = 12, 4
+PURE = 0.5  # purity at or above this counts as a coherent latent (the judge's rating >= 4)
+
+
+@dataclass
+class Context:
+    rows: np.ndarray
+    texts: list[str]
+    acts: np.ndarray  # the latent's activation on each row of the window
+    top_row: int
+    top_value: float
+
+    def marked(self) -> str:
+        return format_context(self.texts, (self.acts > 0) | (self.rows == self.top_row))
+
+
+@dataclass
+class LatentDetail:
+    variant: str
+    latent: int
+    frequency: float
+    fc: float
+    d_eff: float
+    decoder_norms: np.ndarray  # [L] raw units
+    contributions: np.ndarray  # [L] mean share of positive encoder contribution, top contexts
+    histogram: np.ndarray  # [bins] counts over HIST_EDGES
+    contexts: list[Context] = field(default_factory=list)
+    purity: float = float("nan")
+    purity_class: str = ""
+    rating: int | None = None
+    explanation: str = ""
+    logit_layer: str = ""
+    logits_top: list[tuple[str, float]] = field(default_factory=list)
+    logits_bottom: list[tuple[str, float]] = field(default_factory=list)
+
+
+def row_labelings(
+    tokens: pa.Table, documents: pa.Table, concepts: TokenConcepts
+) -> dict[str, np.ndarray]:
+    """Per token row, its topic, language and gazetteer class ('' when none)."""
+    out = {}
+    for task in ("topic", "language"):
+        ids, labels = sequence_labels(documents, task)
+        out[task] = row_classes(tokens, ids, labels)
+    out["gazetteer"] = token_classes(concepts, tokens.num_rows)
+    return out
+
+
+def _one_per_document(top_rows: np.ndarray, doc_of_row: np.ndarray) -> np.ndarray:
+    out = np.full_like(top_rows, -1)
+    for i, rows in enumerate(top_rows):
+        rows = rows[rows >= 0]
+        _, first = np.unique(doc_of_row[rows], return_index=True)
+        kept = rows[np.sort(first)]
+        out[i, : kept.size] = kept
+    return out
+
+
+def purity(
+    top_rows: np.ndarray,
+    labelings: dict[str, np.ndarray],
+    eval_rows: np.ndarray,
+    doc_of_row: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per latent, the best purity over labelings and its ``labeling:class``."""
+    evaluated = np.zeros(doc_of_row.size, dtype=bool)
+    evaluated[eval_rows] = True
+    per_doc = _one_per_document(top_rows, doc_of_row)
+    scores, classes = [], []
+    for name, row_class in labelings.items():
+        rows = top_rows if name == "gazetteer" else per_doc
+        eligible = evaluated & (row_class != "") if name != "gazetteer" else evaluated
+        result = purity_scores(rows, row_class, eligible)
+        scores.append(np.where(np.isnan(result.score), -np.inf, result.score))
+        classes.append(np.asarray([f"{name}:{c}" for c in result.best_class], dtype=object))
+    stacked = np.stack(scores)
+    best = stacked.argmax(0)
+    score = stacked[best, np.arange(best.size)]
+    label = np.stack(classes)[best, np.arange(best.size)]
+    return np.where(np.isfinite(score), score, np.nan), label
+
+
+@torch.no_grad()
+def sampled_details(
+    store: ActivationStore,
+    view: TokenView,
+    union: list[int],
+    results: list[VariantResult],
+    sampled: dict[str, np.ndarray],
+    device: torch.device,
+) -> dict[str, list[LatentDetail]]:
+    """Contexts and per-layer profiles of the sampled latents of each variant."""
+    details: dict[str, list[LatentDetail]] = {}
+    windows: dict[str, list[list[np.ndarray]]] = {}
+    needed_parts = []
+    for res in results:
+        name, latents = res.variant.name, sampled[res.variant.name]
+        windows[name] = [
+            [window_rows(view, int(r), BEFORE, AFTER) for r in res.top_rows[i] if r >= 0]
+            for i in latents
+        ]
+        needed_parts += [w for ws in windows[name] for w in ws]
+    needed = np.unique(np.concatenate(needed_parts)) if needed_parts else np.zeros(0, np.int64)
+    acts = {r.variant.name: np.zeros((needed.size, len(sampled[r.variant.name]))) for r in results}
+    contrib = {r.variant.name: _ContributionSums(r, sampled[r.variant.name]) for r in results}
+    chunk_of = needed // store.chunk_tokens
+    for chunk in np.unique(chunk_of).tolist():
+        where = np.flatnonzero(chunk_of == chunk)
+        start, stop = store.chunk_rows(chunk)
+        raw = store.read(start, stop, union)[torch.from_numpy(needed[where] - start)].to(device)
+        for res in results:
+            x = res.variant.normalise(raw)
+            latents = torch.from_numpy(sampled[res.variant.name]).long()
+            acts[res.variant.name][where] = res.variant.coder.encode(x)[:, latents].cpu().numpy()
+            contrib[res.variant.name].update(needed[where], x)
+    for res in results:
+        details[res.variant.name] = _details(res, sampled, windows, needed, acts, contrib, view)
+    return details
+
+
+class _ContributionSums:
+    """Mean positive-contribution share per layer over each sampled latent's top rows."""
+
+    def __init__(self, res: VariantResult, latents: np.ndarray) -> None:
+        self.res, self.latents = res, latents
+        self.sums = np.zeros((len(latents), res.variant.coder.n_layers))
+        self.counts = np.zeros(len(latents))
+        self.mu = res.variant.mu()
+
+    def update(self, rows: np.ndarray, x: torch.Tensor) -> None:
+        top = self.res.top_rows[self.latents]  # [k, n_top]
+        owner = np.isin(rows, top)
+        if not owner.any():
+            return
+        idx = np.flatnonzero(owner)
+        xc = x[torch.from_numpy(idx)] - self.mu.to(x.device)
+        c = self.res.variant.coder.layer_contributions(xc, torch.from_numpy(self.latents).long())
+        pos = c.clamp_min(0).cpu().double().numpy()  # [r, L, k]
+        share = pos / np.maximum(pos.sum(1, keepdims=True), 1e-30)
+        for j in range(len(self.latents)):
+            mine = np.isin(rows[idx], top[j])
+            self.sums[j] += share[mine, :, j].sum(0)
+            self.counts[j] += mine.sum()
+
+    def mean(self, j: int) -> np.ndarray:
+        return self.sums[j] / max(self.counts[j], 1)
+
+
+def _details(res, sampled, windows, needed, acts, contrib, view) -> list[LatentDetail]:
+    name, latents = res.variant.name, sampled[res.variant.name]
+    coder, scale = res.variant.coder, res.variant.scale
+    norms = (coder.decoder_norms().detach().cpu().double() / scale.cpu().double()[None]).numpy()
+    out = []
+    for j, latent in enumerate(latents.tolist()):
+        contexts = []
+        for rows, top_row, top_value in zip(
+            windows[name][j], res.top_rows[latent], res.top_values[latent], strict=False
+        ):
+            pos = np.searchsorted(needed, rows)
+            contexts.append(
+                Context(
+                    rows,
+                    [view.text[r] for r in rows],
+                    acts[name][pos, j],
+                    int(top_row),
+                    float(top_value),
+                )
+            )
+        out.append(
+            LatentDetail(
+                variant=name,
+                latent=latent,
+                frequency=float(res.sparsity.frequency[latent]),
+                fc=float(res.coherence.fc[latent]),
+                d_eff=float(res.d_eff[latent]),
+                decoder_norms=norms[latent],
+                contributions=contrib[name].mean(j),
+                histogram=res.histogram[latent],
+                contexts=contexts,
+            )
+        )
+    return out
+
+
+def judge_backend(kind: str) -> ChatBackend | None:
+    """None for the offline purity proxy."""
+    if kind == "purity":
+        return None
+    if kind == "openai":
+        return OpenAIJudge.from_env()
+    if kind == "transformers":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from pipeline.harvest_manifest import ModelSpec
+        from pipeline.models import _local_dir
+
+        local = _local_dir(ModelSpec(source="packaged", name="smollm2-135m"))
+        tokenizer = AutoTokenizer.from_pretrained(local)
+        model = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32).eval()
+        return TransformersJudge(model, tokenizer)
+    raise ValueError(f"--judge must be purity, openai or transformers, not {kind!r}")
+
+
+def rate(details: list[LatentDetail], backend: ChatBackend | None, n_contexts: int) -> None:
+    """Fill ``rating``/``explanation`` from the judge (purity needs no call)."""
+    if backend is None:
+        for d in details:
+            d.explanation = f"purity {d.purity:.2f} ({d.purity_class})"
+        return
+    contexts = {d.latent: [c.marked() for c in d.contexts[:n_contexts]] for d in details}
+    report = judge_latents(backend, contexts)
+    for d in details:
+        verdict = report.verdicts[d.latent]
+        d.rating = verdict.rating
+        d.explanation = verdict.explanation or (verdict.error or "")
+
+
+def logit_effects(
+    details: list[LatentDetail], res: VariantResult, unembed, hook_names: list[str], n: int = 8
+) -> None:
+    """Top/bottom tokens of the decoder direction through the unembedding (logit lens).
+
+    ``unembed`` is ``(W_U [d, vocab], final-norm gain [d] or None, tokenizer)``; the
+    direction is the latent's raw-unit decoder row at its own layer (per-layer SAEs) or
+    at the last layer it writes (cross-layer coders)."""
+    w_u, gain, tokenizer = unembed
+    coder, scale = res.variant.coder, res.variant.scale.cpu()
+    own = coder.latent_layer()
+    for d in details:
+        layer = int(own[d.latent]) if own is not None else coder.n_layers - 1
+        idx = torch.tensor([d.latent])
+        direction = coder.decoder_view().expand_latents(idx)[0, layer].detach().cpu()
+        direction = direction / scale[layer]
+        if gain is not None:
+            direction = direction * gain
+        logits = direction.float() @ w_u.float()
+        top, bottom = logits.topk(n), (-logits).topk(n)
+        d.logit_layer = hook_names[layer]
+        d.logits_top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(*top, strict=True)]
+        d.logits_bottom = [
+            (tokenizer.decode([int(i)]), -float(v)) for v, i in zip(*bottom, strict=True)
+        ]
+
+
+def unembedding(model):
+    """``(W_U [d, vocab], final-norm gain or None, tokenizer)`` of a loaded model."""
+    hf = model.bridge.original_model
+    norm = getattr(getattr(hf, "model", None), "norm", None)
+    gain = getattr(norm, "weight", None)
+    w_u = hf.get_output_embeddings().weight.detach().cpu().T
+    return w_u, None if gain is None else gain.detach().cpu().float(), model.tokenizer
