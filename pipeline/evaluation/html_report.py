@@ -215,7 +215,7 @@ def index_page(root: Path, summaries, baselines, meta, plots, details, slugs) ->
         rows = "".join(_latent_row(d, slugs[name]) for d in items)
         lists.append(
             f"<h3>{escape(name)}</h3><table><tr><th>latent</th><th>purity</th><th>rating</th>"
-            f"<th>N_eff</th><th>D_eff</th><th>top context</th></tr>{rows}</table>"
+            f"<th>N_eff</th><th>D_eff</th><th class='text'>top context</th></tr>{rows}</table>"
         )
     body = (
         f"{intro}<h2>Comparison</h2>{_table(summaries, baselines)}<h2>Plots</h2>{images}"
