@@ -14,8 +14,14 @@ tokens with another tokenisation seed, so the stores hold different text) so bot
 the same load on a shared machine; (4) is sandwiched between two bare runs on its
 tokens. Harvest tokens/s counts the block loop (forward + storage), not model loading.
 
+On a CPU shared with other jobs, torch's default of one OpenMP thread per core slows
+4-10x and swings from batch to batch (busy threads stall at every barrier); ``--threads
+1`` gives stable ratios there. Record the load averages with the figures (the JSON does).
+
     python bench/harvest.py                      # 16384 tokens, 6 layers of 30
-    python bench/harvest.py --layers all --out bench/results/harvest-cpu-all-layers.json
+    python bench/harvest.py --layers all --naive-tokens 512 \
+        --out bench/results/harvest-cpu-all-layers.json
+    python bench/harvest.py --threads 1 --out bench/results/harvest-cpu-1thread.json
 """
 
 from __future__ import annotations

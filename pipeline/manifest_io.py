@@ -41,7 +41,7 @@ def describe_validation_error(err: ValidationError, source: str) -> str:
     lines = []
     for problem in err.errors():
         field = ".".join(str(part) for part in problem["loc"]) or "(top level)"
-        message = problem["msg"]
+        message = problem["msg"].removeprefix("Value error, ")
         if problem["type"] == "extra_forbidden":
             message = "unknown field"
         lines.append(f"{source}: field '{field}': {message}")

@@ -167,8 +167,10 @@ def create_store(
     """Tables, manifest.json and every array at final shape: all a harvest writes up front.
 
     ``model_shape`` is ``(d_model, n_layers)``. The distributed coordinator calls this too,
-    before any worker writes a block.
+    before any worker writes a block. Nothing is created before the model and the text
+    loaded, so a bad manifest leaves no empty partial store behind.
     """
+    paths.root.mkdir(parents=True, exist_ok=True)
     d_model, n_layers = model_shape
     _write_tables(paths, windows)
     atomic_write_json(
@@ -220,7 +222,6 @@ def run(
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(root, key))
-        paths.root.mkdir(parents=True, exist_ok=True)
         if scheduler is None:
             writer, rate = _harvest_here(manifest, paths, key, manifest_source)
         else:

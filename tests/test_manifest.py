@@ -156,16 +156,16 @@ CLI_CASES = {
     ),
     "gguf-without-path": (
         "model:\n  source: gguf\n",
-        "field 'model': Value error, model.path is required when model.source is 'gguf'",
+        "field 'model': model.path is required when model.source is 'gguf'",
     ),
     "num-tokens-not-multiple": (
         "tokenization:\n  context_length: 32\n  num_tokens: 100\n",
-        "field 'tokenization': Value error, tokenization.num_tokens (100) must be a multiple "
+        "field 'tokenization': tokenization.num_tokens (100) must be a multiple "
         "of tokenization.context_length (32)",
     ),
     "chunk-tokens-not-multiple": (
         "tokenization:\n  context_length: 32\n  num_tokens: 64\nstorage:\n  chunk_tokens: 48\n",
-        "field '(top level)': Value error, storage.chunk_tokens (48) must be a multiple of "
+        "field '(top level)': storage.chunk_tokens (48) must be a multiple of "
         "tokenization.context_length (32)",
     ),
     "not-a-mapping": ("- a\n- b\n", "the top level must be a mapping of fields"),
