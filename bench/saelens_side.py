@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -186,12 +187,15 @@ def read_throughput(args, layer_info: dict, buffer_batches: int) -> dict:
         )
         open_s = time.perf_counter() - started
         batches = math.ceil(args.reader_epochs * n_tokens / args.train_batch)
-        rows = 0
-        started = time.perf_counter()
-        for _ in range(batches):
-            batch = store.next_batch()
-            rows += int(batch.shape[0])
-        read_s = time.perf_counter() - started
+        rates = []
+        for _ in range(args.reader_repeats):  # one stream, timed in slices of `batches`
+            rows = 0
+            started = time.perf_counter()
+            for _ in range(batches):
+                batch = store.next_batch()
+                rows += int(batch.shape[0])
+            read_s = time.perf_counter() - started
+            rates.append(rows / read_s)
     return {
         "layer": layer_info["layer"],
         "n_batches_in_buffer": buffer_batches,
@@ -203,8 +207,9 @@ def read_throughput(args, layer_info: dict, buffer_batches: int) -> dict:
         "batches": batches,
         "rows": rows,
         "open_seconds": open_s,
-        "read_seconds": read_s,
-        "layer_rows_per_s": rows / read_s,
+        "repeats": args.reader_repeats,
+        "layer_rows_per_s_repeats": rates,
+        "layer_rows_per_s": statistics.median(rates),
     }
 
 
@@ -238,7 +243,8 @@ def main() -> None:
         default="",
         help="comma-separated extra cache dtypes (e.g. float16) for one layer, bytes only",
     )
-    parser.add_argument("--reader-epochs", type=float, default=4)
+    parser.add_argument("--reader-epochs", type=float, default=4, help="cache passes per repeat")
+    parser.add_argument("--reader-repeats", type=int, default=5, help="median of these")
     parser.add_argument("--reader-layer-index", type=int, default=0)
     parser.add_argument("--keep-caches", action="store_true")
     parser.add_argument("--threads", type=int, default=0)
@@ -282,7 +288,8 @@ def main() -> None:
     per_layer = []
     for layer in layers:
         info = harvest_layer(args, model, dataset, layer, cache_root / f"layer{layer}", args.dtype)
-        dump_check(args, info, check_dir)
+        if args.check_windows:
+            dump_check(args, info, check_dir)
         per_layer.append(info)
         rate = windows.size / info["run_seconds"]
         print(f"saelens: layer {layer}: {rate:.1f} tok/s (one hook per run)", flush=True)
@@ -320,7 +327,7 @@ def main() -> None:
 
     reader_info = per_layer[args.reader_layer_index]
     readers = []
-    for value in (int(x) for x in args.buffer_batches.split(",")):
+    for value in (int(x) for x in filter(None, args.buffer_batches.split(","))):
         buffer_batches = value or args.n_windows  # 0: the whole cache in the buffer
         reading = read_throughput(args, reader_info, buffer_batches)
         readers.append(reading)

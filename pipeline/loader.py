@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from pipeline.store import ActivationStore
+from pipeline.store_format import TORCH_STORAGE
 
 
 @dataclass(frozen=True)
@@ -44,10 +45,17 @@ class Normaliser:
         return Normaliser(self.mean.to(device), self.scale.to(device), self.centre)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float()
+        """One float32 allocation, then in place: on CPU the fresh buffers dominated."""
+        out = x.to(torch.float32, copy=True)
         if self.centre:
-            x = x - self.mean
-        return x * self.scale[:, None]
+            out.sub_(self.mean)
+        return out.mul_(self.scale[:, None])
+
+    def apply_layer_(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """``apply`` in place on float32 rows ``[n, d]`` of one (selected) layer."""
+        if self.centre:
+            x.sub_(self.mean[layer])
+        return x.mul_(self.scale[layer])
 
     def invert(self, x: torch.Tensor) -> torch.Tensor:
         x = x / self.scale[:, None]
@@ -96,7 +104,8 @@ class ActivationLoader:
             raise ValueError(f"split '{split}' of store {store.key} has no tokens")
         self.normaliser = Normaliser.from_store(store, self.layers, centre).to(self.device)
         self.buffer_chunks = buffer_chunks
-        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._prefetch = ThreadPoolExecutor(max_workers=1)
+        self._decoders = ThreadPoolExecutor(max_workers=workers)
         bytes_needed = self.rows.size * len(self.layers) * store.d_model * 2
         if mode == "auto":
             mode = "resident" if bytes_needed <= resident_max_bytes else "stream"
@@ -114,19 +123,40 @@ class ActivationLoader:
     def steps_per_epoch(self) -> int:
         return -(-self.n_tokens // self.batch_size)
 
-    def _decode_chunk(self, chunk: int) -> torch.Tensor:
-        """Selected rows of one chunk in the storage dtype, ``[rows, L, d]`` (CPU)."""
-        start, stop = self.store.chunk_rows(chunk)
-        stored = self.store.read_stored(start, stop, self.layers)
-        selected = stored[self._chunk_rows[chunk] - start]
-        if self.store.dtype == "bfloat16":
-            return torch.from_numpy(selected.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(selected)
+    def _decode_chunks(self, chunks: list[int], normalise: bool) -> torch.Tensor:
+        """Selected rows of ``chunks``, ``[rows, L, d]`` on the CPU, decoded layer by layer
+        (in parallel) straight into one buffer: the storage dtype, or normalised float32
+        when ``normalise`` (a CPU consumer then only gathers rows; fresh large buffers and
+        extra copies, not decompression, dominated the CPU read path)."""
+        sizes = [len(self._chunk_rows[chunk]) for chunk in chunks]
+        dtype = torch.float32 if normalise else TORCH_STORAGE[self.store.dtype]
+        out = torch.empty(sum(sizes), len(self.layers), self.store.d_model, dtype=dtype)
+        offsets = np.cumsum([0, *sizes])
+        normaliser = self.normaliser.to(torch.device("cpu")) if normalise else None
+
+        def fill(task: tuple[int, int]) -> None:
+            index, j = task
+            chunk = chunks[index]
+            start, stop = self.store.chunk_rows(chunk)
+            values = self.store.read_layer(self.layers[j], start, stop)
+            rows = self._chunk_rows[chunk] - start
+            if rows.size and rows[-1] - rows[0] + 1 == rows.size:
+                values = values[rows[0] : rows[-1] + 1]
+            else:
+                values = values[torch.from_numpy(rows)]
+            target = out[offsets[index] : offsets[index + 1], j]
+            target.copy_(values)
+            if normaliser is not None:
+                normaliser.apply_layer_(target, j)
+
+        tasks = [(i, j) for i in range(len(chunks)) for j in range(len(self.layers))]
+        list(self._decoders.map(fill, tasks))
+        return out
 
     def _load_resident(self) -> torch.Tensor:
         if self._resident is None:
-            parts = list(self._pool.map(self._decode_chunk, range(self.store.n_chunks)))
-            self._resident = torch.cat(parts).to(self.device)
+            data = self._decode_chunks(list(range(self.store.n_chunks)), normalise=False)
+            self._resident = data.to(self.device)
         return self._resident
 
     def _generator(self, epoch: int, salt: int = 0) -> torch.Generator:
@@ -150,50 +180,59 @@ class ActivationLoader:
     def _stream_epoch(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
         chunk_order = torch.randperm(self.store.n_chunks, generator=self._generator(epoch))
         groups = [
-            chunk_order[i : i + self.buffer_chunks].tolist()
-            for i in range(0, len(chunk_order), self.buffer_chunks)
+            (index, group, sum(len(self._chunk_rows[c]) for c in group))
+            for index, group in enumerate(
+                chunk_order[i : i + self.buffer_chunks].tolist()
+                for i in range(0, len(chunk_order), self.buffer_chunks)
+            )
         ]
+        groups = [entry for entry in groups if entry[2]]  # chunks with no row of the split
         to_skip = skip_batches * self.batch_size
+        while groups and to_skip >= groups[0][2]:  # resume: skip whole groups undecoded
+            to_skip -= groups.pop(0)[2]
         pending: list[torch.Tensor] = []
         prefetch: Future | None = None
+        on_cpu = self.device.type == "cpu"
         pin = self.device.type == "cuda"
 
-        def load(group: list[int]) -> list[torch.Tensor]:
-            return [self._decode_chunk(c) for c in group]
+        def ready(batch: torch.Tensor) -> torch.Tensor:
+            if on_cpu:
+                return batch  # already normalised while decoding
+            if pin:
+                batch = batch.pin_memory()
+            return self.normaliser.apply(batch.to(self.device, non_blocking=pin))
 
-        for index, group in enumerate(groups):
-            size = sum(len(self._chunk_rows[c]) for c in group)
-            if to_skip >= size:  # resume: skip whole groups without decoding them
-                to_skip -= size
-                continue
-            parts = prefetch.result() if prefetch is not None else load(group)
+        for position, (index, group, size) in enumerate(groups):
+            if prefetch is not None:
+                parts = prefetch.result()
+            else:
+                parts = self._decode_chunks(group, on_cpu)
             prefetch = (
-                self._pool.submit(load, groups[index + 1]) if index + 1 < len(groups) else None
+                self._prefetch.submit(self._decode_chunks, groups[position + 1][1], on_cpu)
+                if position + 1 < len(groups)
+                else None
             )
-            buffer = torch.cat(parts)
-            buffer = buffer[
-                torch.randperm(buffer.shape[0], generator=self._generator(epoch, index + 1))
-            ]
-            buffer = buffer[to_skip:]
+            # Rows carried from the last group first, then this group's in a seeded order;
+            # batches are gathered from that order, never a second shuffled copy.
+            buffer = torch.cat([*pending, parts]) if pending else parts
+            n_carried = buffer.shape[0] - size
+            shuffled = torch.randperm(size, generator=self._generator(epoch, index + 1))
+            order = torch.cat([torch.arange(n_carried), shuffled[to_skip:] + n_carried])
             to_skip = 0
-            pending.append(buffer)
-            carried = torch.cat(pending)
-            whole = carried.shape[0] // self.batch_size * self.batch_size
+            whole = order.shape[0] // self.batch_size * self.batch_size
             for start in range(0, whole, self.batch_size):
-                batch = carried[start : start + self.batch_size]
-                if pin:
-                    batch = batch.pin_memory()
-                yield self.normaliser.apply(batch.to(self.device, non_blocking=pin))
-            pending = [carried[whole:]]
-        rest = torch.cat(pending) if pending else None
-        if rest is not None and rest.shape[0]:
-            yield self.normaliser.apply(rest.to(self.device))
+                yield ready(buffer.index_select(0, order[start : start + self.batch_size]))
+            pending = [buffer.index_select(0, order[whole:])]
+        if pending and pending[0].shape[0]:
+            yield ready(pending[0])
 
     def raw_batches(self) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(row indices, raw-unit float32 [rows, L, d])`` of the split in store order."""
         for chunk in range(self.store.n_chunks):
             if len(self._chunk_rows[chunk]):
-                yield self._chunk_rows[chunk], self._decode_chunk(chunk).float().to(self.device)
+                raw = self._decode_chunks([chunk], normalise=False)
+                yield self._chunk_rows[chunk], raw.float().to(self.device)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False)
+        self._prefetch.shutdown(wait=False)
+        self._decoders.shutdown(wait=False)

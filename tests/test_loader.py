@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.store import ActivationStore
-from tests.helpers import harvest_tiny
+from stages import harvest
+from tests.helpers import TINY, harvest_tiny
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,22 @@ def test_every_train_token_once_per_epoch(store, mode):
     seen = _row_ids(loader, 0)
     assert len(seen) == rows.size
     assert sorted(seen) == pytest.approx(sorted(_expected_ids(store, rows)), abs=1e-4)
+
+
+def test_chunks_without_split_rows_lose_nothing(tmp_path):
+    """A buffer group with no row of the split must not shift the prefetched groups."""
+    manifest = {**TINY, "storage": {"chunk_tokens": 32}}
+    small_chunks = ActivationStore(
+        harvest.run(HarvestManifest.model_validate(manifest), tmp_path).path
+    )
+    rows = split_rows(small_chunks, "test")
+    per_chunk = np.bincount(rows // small_chunks.chunk_tokens, minlength=small_chunks.n_chunks)
+    assert (per_chunk == 0).any()
+    loader = ActivationLoader(
+        small_chunks, batch_size=40, split="test", mode="stream", buffer_chunks=1
+    )
+    seen = _row_ids(loader, 0)
+    assert sorted(seen) == pytest.approx(sorted(_expected_ids(small_chunks, rows)), abs=1e-4)
 
 
 def test_splits_are_document_disjoint_and_skip_special_tokens(store):
