@@ -2,8 +2,8 @@
 
 1. loader tokens/s (stream mode: whole compressed chunks, decoded in threads, shuffled)
    vs a raw sequential read of the same rows from an uncompressed np.memmap;
-2. training steps/s fed from the store vs fed from batches already on the device
-   (target >= 0.9: the loader never starves the device);
+2. training steps/s fed from the store (resident, and stream) vs fed from batches
+   already on the device (target >= 0.9: the loader never starves the device);
 3. fmxcoder (shared layer basis, rank R) step time vs the dense crosscoder at equal m.
 
     python bench/train.py --harvest manifests/harvest/smollm2-wiki-smoke.yaml
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -94,7 +95,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--rank", type=int, default=3)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -142,10 +144,23 @@ def main() -> None:
         while True:
             yield from synthetic
 
-    dense_store = steps_per_second(dense, store_batches(), args.steps, device)
-    dense_device = steps_per_second(dense, device_batches(), args.steps, device)
-    fmx_store = steps_per_second(fmx, store_batches(), args.steps, device)
-    fmx_device = steps_per_second(fmx, device_batches(), args.steps, device)
+    def stream_batches():
+        epoch = 0
+        while True:
+            yield from stream.epoch(epoch)
+            epoch += 1
+
+    # Interleaved rounds, medians: a shared machine drifts between measurements.
+    rates: dict[str, list[float]] = {}
+    feeds = {"store": store_batches, "stream": stream_batches, "device": device_batches}
+    for _ in range(args.rounds):
+        for coder_name, coder in (("crosscoder", dense), ("fmxcoder", fmx)):
+            for feed, batches in feeds.items():
+                rate = steps_per_second(coder, batches(), args.steps, device)
+                rates.setdefault(f"{coder_name}_{feed}", []).append(rate)
+    median = {name: statistics.median(values) for name, values in rates.items()}
+    dense_store, dense_device = median["crosscoder_store"], median["crosscoder_device"]
+    fmx_store, fmx_device = median["fmxcoder_store"], median["fmxcoder_device"]
 
     figures = {
         "device": device_name(device),
@@ -164,9 +179,15 @@ def main() -> None:
         "crosscoder_steps_per_s_from_store": dense_store,
         "crosscoder_steps_per_s_from_device": dense_device,
         "crosscoder_store_vs_device": dense_store / dense_device,
+        "crosscoder_steps_per_s_from_stream": median["crosscoder_stream"],
+        "crosscoder_stream_vs_device": median["crosscoder_stream"] / dense_device,
         "fmxcoder_steps_per_s_from_store": fmx_store,
         "fmxcoder_steps_per_s_from_device": fmx_device,
         "fmxcoder_store_vs_device": fmx_store / fmx_device,
+        "fmxcoder_steps_per_s_from_stream": median["fmxcoder_stream"],
+        "fmxcoder_stream_vs_device": median["fmxcoder_stream"] / fmx_device,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
         "fmxcoder_step_time_vs_crosscoder": dense_device / fmx_device,
         "crosscoder_parameters": dense.num_parameters(),
         "fmxcoder_parameters": fmx.num_parameters(),
