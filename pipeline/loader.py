@@ -7,8 +7,10 @@ Two modes with one contract (every selected token exactly once per epoch, order 
   in the storage dtype and shuffled there with ``randperm``: no I/O after the first epoch.
 * ``stream``: per epoch, chunks are visited in a seeded order; ``buffer_chunks`` chunks
   at a time are decoded by background threads (whole compressed chunks, never random
-  rows: those decompress every chunk per batch) into a shuffle buffer, and batches go
-  to the device from pinned memory.
+  rows: those decompress every chunk per batch) into one buffer while the previous one is
+  consumed; batches are gathered from it in a seeded order. For a CPU consumer the
+  buffer is normalised float32 already; for a GPU, bf16 batches go from pinned memory
+  and are normalised on the device.
 
 ``auto`` picks ``resident`` when the split fits in ``resident_max_bytes``.
 """
