@@ -10,8 +10,11 @@ minima, the least disturbed steps) reported.
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -42,6 +45,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--activation", default="topk", choices=["topk", "batchtopk"])
+    parser.add_argument("--out", type=Path, default=Path("bench/results/decode-cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     variants = {
@@ -53,6 +57,7 @@ def main() -> None:
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.activation}")
     print(f"L={args.layers} d={args.d_model} k={args.k} batch={args.batch}, median of {args.steps}")
+    rows = []
     for m in args.latents:
         for name, extra in variants.items():
             cfg = {
@@ -73,12 +78,37 @@ def main() -> None:
                     times[sparse].append(t)
             dense_s, sparse_s = (statistics.median(times[s]) for s in (False, True))
             dense_min, sparse_min = (min(times[s]) for s in (False, True))
+            rows.append(
+                {
+                    "latents": m,
+                    "coder": name,
+                    "dense_step_ms_median": dense_s * 1e3,
+                    "sparse_step_ms_median": sparse_s * 1e3,
+                    "sparse_speedup_median": dense_s / sparse_s,
+                    "sparse_speedup_min": dense_min / sparse_min,
+                }
+            )
             print(
                 f"m={m:6d} {name:13s} median: dense {dense_s * 1e3:6.0f} ms, sparse "
                 f"{sparse_s * 1e3:6.0f} ms, {dense_s / sparse_s:4.2f}x | min: dense "
                 f"{dense_min * 1e3:6.0f} ms, sparse {sparse_min * 1e3:6.0f} ms, "
                 f"{dense_min / sparse_min:4.2f}x"
             )
+    figures = {
+        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "layers": args.layers,
+        "d_model": args.d_model,
+        "k": args.k,
+        "batch": args.batch,
+        "activation": args.activation,
+        "steps": args.steps,
+        "results": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
