@@ -28,9 +28,14 @@ lint: install
 test: lint
 	$(BIN)/pytest -q
 
+# Every stage's benchmark; each writes bench/results/<name>-<device>.json.
+# (bench/vs_saelens.py builds its own SAELens venv first: run it by hand.)
 bench: install
 	$(BIN)/python bench/harvest.py
 	$(BIN)/python bench/train.py
+	$(BIN)/python bench/decode.py
+	$(BIN)/python bench/evaluate.py
+	$(BIN)/python bench/scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
