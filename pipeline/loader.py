@@ -134,7 +134,7 @@ class ActivationLoader:
         dtype = torch.float32 if normalise else TORCH_STORAGE[self.store.dtype]
         out = torch.empty(sum(sizes), len(self.layers), self.store.d_model, dtype=dtype)
         offsets = np.cumsum([0, *sizes])
-        normaliser = self.normaliser.to(torch.device("cpu")) if normalise else None
+        normaliser = self.normaliser if normalise else None  # only for a CPU consumer
 
         def fill(task: tuple[int, int]) -> None:
             index, j = task

@@ -117,14 +117,11 @@ class ActivationStore:
 
     def read_layer(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of one layer, ``[rows, d]``, in the storage dtype (torch)."""
-        values = self.arrays[layer][start:stop]
-        if self.dtype == "bfloat16":
-            return torch.from_numpy(values.view(np.int16)).view(torch.bfloat16)
-        return torch.from_numpy(values)
+        return from_storage_numpy(self.arrays[layer][start:stop], self.dtype)
 
     def read(self, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as float32 ``[rows, n_layers, d_model]`` in raw units."""
-        return from_storage_numpy(self.read_stored(start, stop, layers), self.dtype)
+        return from_storage_numpy(self.read_stored(start, stop, layers), self.dtype).float()
 
     def size_on_disk(self) -> int:
         return sum(p.stat().st_size for p in self.paths.root.rglob("*") if p.is_file())

@@ -47,11 +47,11 @@ def to_storage_numpy(activations: torch.Tensor) -> np.ndarray:
 
 
 def from_storage_numpy(stored: np.ndarray, dtype: str) -> torch.Tensor:
-    """Stored numpy values -> float32 tensor."""
+    """Stored numpy values -> a tensor in the storage dtype (bf16 bits reinterpreted)."""
     if dtype == "bfloat16":
         bits = torch.from_numpy(np.ascontiguousarray(stored).view(np.int16))
-        return bits.view(torch.bfloat16).float()
-    return torch.from_numpy(np.ascontiguousarray(stored)).float()
+        return bits.view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(stored))
 
 
 def fsync_dir(path: Path) -> None:
