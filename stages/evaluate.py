@@ -49,12 +49,11 @@ from pipeline.paths import (
     ReportPaths,
     RunPaths,
     default_reports_root,
-    default_runs_root,
     report_dir,
-    run_dir,
 )
 from pipeline.store import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, load_coder_manifest
+from stages.train import open_cache, run_paths, store_layers
 
 
 @dataclass(frozen=True)
@@ -79,12 +78,8 @@ def resolve_checkpoint(target: Path) -> Path:
     """A run directory, a checkpoint directory or a coder manifest -> a checkpoint dir."""
     target = Path(target)
     if target.is_file():
-        from stages.train import open_cache
-
         manifest, base = load_coder_manifest(target)
-        store = open_cache(manifest, base)
-        root = Path(manifest.run.runs_root) if manifest.run.runs_root else default_runs_root()
-        final = RunPaths(run_dir(root, store.key, manifest.run_hash())).final
+        final = run_paths(manifest, open_cache(manifest, base).key).final
         if not final.is_dir():
             raise FileNotFoundError(f"{target}: not trained yet: run `pipeline train {target}`")
         return final
@@ -123,7 +118,7 @@ def load_variants(
             )
             stores[key] = find_store(key, root)
         store = stores[key]
-        layers = list(range(store.n_layers)) if manifest.layers == "all" else list(manifest.layers)
+        layers = store_layers(manifest, store)
         coder = load_coder(checkpoint, device)
         normaliser = Normaliser.from_store(store, layers, manifest.training.centre).to(device)
         variants.append(

@@ -54,13 +54,20 @@ def open_cache(manifest: CoderManifest, base: Path) -> ActivationStore:
         ) from None
 
 
-def _layers(manifest: CoderManifest, store: ActivationStore) -> list[int]:
+def store_layers(manifest: CoderManifest, store: ActivationStore) -> list[int]:
+    """The manifest's layers as indices into the store's hooks, checked against it."""
     if manifest.layers == "all":
         return list(range(store.n_layers))
     bad = [layer for layer in manifest.layers if layer >= store.n_layers]
     if bad:
         raise ValueError(f"layers: {bad} out of range: the cache has {store.n_layers} hooks")
     return list(manifest.layers)
+
+
+def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
+    """Where a coder manifest's run lives: runs root / cache key / hash of its weights' spec."""
+    root = Path(manifest.run.runs_root) if manifest.run.runs_root else default_runs_root()
+    return RunPaths(run_dir(root, cache, manifest.run_hash()))
 
 
 def _log(run: CoderRun, terms: dict[str, float], tokens_per_second: float, writer) -> None:
@@ -143,12 +150,16 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
     groups: dict[tuple, list[CoderRun]] = defaultdict(list)
     stores: dict[tuple, tuple[ActivationStore, list[int], CoderManifest]] = {}
     results = []
+    opened: dict[tuple, ActivationStore] = {}  # variants of one cache: hash and open it once
     for manifest, base in manifests:
-        store = open_cache(manifest, base)
-        layers = _layers(manifest, store)
+        ref = manifest.cache
+        where = (ref.key or base / ref.harvest_manifest, ref.root)
+        if where not in opened:
+            opened[where] = open_cache(manifest, base)
+        store = opened[where]
+        layers = store_layers(manifest, store)
         config = check_coder_section(manifest, len(layers), store.d_model, manifest.name)
-        runs_root = Path(manifest.run.runs_root) if manifest.run.runs_root else default_runs_root()
-        paths = RunPaths(run_dir(runs_root, store.key, manifest.run_hash()))
+        paths = run_paths(manifest, store.key)
         if paths.final.is_dir():
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
