@@ -12,12 +12,8 @@ Training state (optimizer, RNG) is one safetensors file whose header carries the
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
-import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,57 +23,17 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pipeline.assets import sha256_file
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
+from pipeline.store_format import atomic_write, atomic_write_json
 
 WEIGHTS_FILE = "coder.safetensors"
 CONFIG_FILE = "coder.json"
 FORMAT = "fmxcoders-coder/1"
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, fsync it, then rename it over
-    ``path``. On any error the temporary file is removed and ``path`` is left untouched."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata)
-
-
-def _write_text(text: str) -> Callable[[Path], None]:
-    def write(tmp: Path) -> None:
-        tmp.write_text(text, encoding="utf-8")
-
-    return write
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -97,10 +53,10 @@ def save_coder(
     doc = {
         "format": FORMAT,
         "config": coder.config.model_dump(mode="json"),
-        "weights_sha256": _sha256(weights),
+        "weights_sha256": sha256_file(weights),
         "extra": extra_json or {},
     }
-    atomic_write(path_dir / CONFIG_FILE, _write_text(json.dumps(doc, indent=2, sort_keys=True)))
+    atomic_write_json(path_dir / CONFIG_FILE, doc)
     return path_dir
 
 
@@ -119,7 +75,7 @@ def load_coder(
     path_dir = Path(path_dir)
     doc = read_coder_json(path_dir)
     weights = path_dir / WEIGHTS_FILE
-    if verify and _sha256(weights) != doc["weights_sha256"]:
+    if verify and sha256_file(weights) != doc["weights_sha256"]:
         raise ValueError(
             f"{weights} does not match {path_dir / CONFIG_FILE} (hash mismatch): the checkpoint "
             "was interrupted between its two files; re-save it or use an older checkpoint"
