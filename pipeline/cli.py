@@ -10,22 +10,10 @@ from pathlib import Path
 import click
 
 from pipeline.assets import AssetError
-from pipeline.manifest_io import ManifestError
-from pipeline.models import ModelError
 from pipeline.store import StoreError
-from pipeline.text_sources import TextSourceError
-from pipeline.windows import CorpusTooSmallError
 
-USER_ERRORS = (
-    ManifestError,
-    StoreError,
-    ModelError,
-    TextSourceError,
-    AssetError,
-    CorpusTooSmallError,
-    FileNotFoundError,
-    ValueError,
-)
+# ValueError covers ManifestError, ModelError, TextSourceError and CorpusTooSmallError.
+USER_ERRORS = (StoreError, AssetError, FileNotFoundError, ValueError)
 
 
 def user_errors(command):

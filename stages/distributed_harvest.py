@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.cache_key import hash_material
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import StorePaths
@@ -174,14 +175,15 @@ def _run_shards(client: Client, futures: list[Future], total: int, progress: boo
 def harvest_on_cluster(
     manifest: HarvestManifest,
     paths: StorePaths,
-    key: str,
+    material: dict,
     manifest_source: str,
     scheduler: str,
     shard_blocks: int | None = None,
 ) -> tuple[StoreWriter, float]:
     """Coordinator side, called by ``stages.harvest.run`` inside the file lock.
 
-    Returns the coordinator's writer (for ``finalize``) and the tokens/s of this run."""
+    ``material`` is the manifest's cache-key material. Returns the coordinator's writer
+    (for ``finalize``) and the tokens/s of this run."""
     if shard_blocks is not None and shard_blocks < 1:
         raise ValueError(f"--shard-blocks: must be >= 1, not {shard_blocks}")
     quiet = manifest.model_copy(update={"run": manifest.run.model_copy(update={"progress": False})})
@@ -193,7 +195,7 @@ def harvest_on_cluster(
         )
         shape = (info.d_model, info.n_layers)
         writer = create_store(
-            paths, manifest, key, manifest_source, windows, shape, info.hook_names
+            paths, manifest, material, manifest_source, windows, shape, info.hook_names
         )
         missing = writer.missing_blocks()
         workers = max(1, len(client.nthreads()))  # those connected now; more may join
@@ -207,7 +209,7 @@ def harvest_on_cluster(
                 manifest_json,
                 str(paths.root),
                 shard,
-                key=f"harvest-{key[:8]}-blocks-{shard[0]}-{shard[-1]}-{token}",
+                key=f"harvest-{hash_material(material)[:8]}-blocks-{shard[0]}-{shard[-1]}-{token}",
                 retries=TASK_RETRIES,
             )
             for shard in shards

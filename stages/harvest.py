@@ -21,7 +21,7 @@ import torch
 from filelock import FileLock
 from tqdm import tqdm
 
-from pipeline.cache_key import cache_key, key_material
+from pipeline.cache_key import hash_material, key_material
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import (
@@ -158,7 +158,7 @@ def harvest_blocks(
 def create_store(
     paths: StorePaths,
     manifest: HarvestManifest,
-    key: str,
+    material: dict,
     manifest_source: str,
     windows: TokenWindows,
     model_shape: tuple[int, int],
@@ -166,9 +166,11 @@ def create_store(
 ) -> StoreWriter:
     """Tables, manifest.json and every array at final shape: all a harvest writes up front.
 
-    ``model_shape`` is ``(d_model, n_layers)``. The distributed coordinator calls this too,
-    before any worker writes a block. Nothing is created before the model and the text
-    loaded, so a bad manifest leaves no empty partial store behind.
+    ``material`` is the manifest's cache-key material (computed once by the caller: it
+    hashes the model file); ``model_shape`` is ``(d_model, n_layers)``. The distributed
+    coordinator calls this too, before any worker writes a block. Nothing is created
+    before the model and the text loaded, so a bad manifest leaves no empty partial store
+    behind.
     """
     paths.root.mkdir(parents=True, exist_ok=True)
     d_model, n_layers = model_shape
@@ -176,10 +178,10 @@ def create_store(
     atomic_write_json(
         paths.manifest,
         {
-            "key": key,
+            "key": hash_material(material),
             "source": manifest_source,
             "manifest": manifest.model_dump(mode="json"),
-            "key_material": key_material(manifest),
+            "key_material": material,
             "d_model": d_model,
             "model_n_layers": n_layers,
         },
@@ -188,14 +190,14 @@ def create_store(
 
 
 def _harvest_here(
-    manifest: HarvestManifest, paths: StorePaths, key: str, manifest_source: str
+    manifest: HarvestManifest, paths: StorePaths, material: dict, manifest_source: str
 ) -> tuple[StoreWriter, float]:
     """The single-process path: the model runs in this process."""
     model = load_model(manifest.model, manifest.run.device)
     windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
     hook_names = model.hook_names(manifest.hooks)
     shape = (model.d_model, model.n_layers)
-    writer = create_store(paths, manifest, key, manifest_source, windows, shape, hook_names)
+    writer = create_store(paths, manifest, material, manifest_source, windows, shape, hook_names)
     return writer, harvest_blocks(model, windows, writer, hook_names, manifest)
 
 
@@ -211,7 +213,8 @@ def run(
     ``scheduler`` (a dask address, or ``local:N``) spreads the blocks over dask workers;
     ``shard_blocks`` is the number of blocks per task there (default: automatic).
     """
-    key = cache_key(manifest)
+    material = key_material(manifest)  # hashes the model and text files: once per harvest
+    key = hash_material(material)
     root = resolve_cache_root(manifest, cache_root)
     final = store_dir(root, key)
     if StorePaths(final).completion.is_file():
@@ -223,12 +226,12 @@ def run(
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(root, key))
         if scheduler is None:
-            writer, rate = _harvest_here(manifest, paths, key, manifest_source)
+            writer, rate = _harvest_here(manifest, paths, material, manifest_source)
         else:
             from stages.distributed_harvest import harvest_on_cluster  # dask only when asked
 
             writer, rate = harvest_on_cluster(
-                manifest, paths, key, manifest_source, scheduler, shard_blocks
+                manifest, paths, material, manifest_source, scheduler, shard_blocks
             )
         summary = writer.finalize(time.perf_counter() - started)
         write_statistics(paths.stats, summary["totals"], summary["count"])
