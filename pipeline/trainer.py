@@ -56,7 +56,6 @@ class CoderRun:
     manifest: CoderManifest
     coder: Coder
     paths: RunPaths
-    config: object
     cache_key: str
     device: torch.device
     step: int = 0
@@ -106,8 +105,6 @@ class CoderRun:
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.coder.parameters(), spec.grad_clip)
         self.optimizer.step()
-        if hasattr(self.coder, "after_step"):
-            self.coder.after_step()
         self.step += 1
         return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
 
@@ -182,7 +179,7 @@ def new_coder_run(
                 "coder": config.model_dump(mode="json"),
             },
         )
-    run = CoderRun(manifest, build_coder(config), paths, config, cache_key, device, dist=dist)
+    run = CoderRun(manifest, build_coder(config), paths, cache_key, device, dist=dist)
     run.try_resume()
     if dist is not None:
         dist.sync_run(run.coder, run.step)

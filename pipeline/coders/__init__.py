@@ -21,12 +21,6 @@ CODERS: dict[str, type[SparseCoder]] = {
     "fmxcoder": Fmxcoder,
 }
 
-CONFIGS: dict[str, type[CoderConfigBase]] = {
-    "per_layer_sae": PerLayerSAEConfig,
-    "crosscoder": CrosscoderConfig,
-    "fmxcoder": FmxcoderConfig,
-}
-
 _CONFIG_ADAPTER: TypeAdapter[CoderConfigBase] = TypeAdapter(CoderConfig)
 
 
@@ -45,7 +39,6 @@ def build_coder(config: CoderConfigBase) -> SparseCoder:
 
 __all__ = [
     "CODERS",
-    "CONFIGS",
     "Coder",
     "CoderConfig",
     "CoderConfigBase",

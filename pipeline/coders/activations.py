@@ -182,10 +182,8 @@ def auxk_loss(
     the decoder bias. The squared error is normalised by the residual's variance and scaled
     down by ``min(n_dead / (k_aux * n_groups), 1)`` as in the reference implementation.
     """
-    p = _grouped(pre.masked_fill(~dead, float("-inf")), n_groups)
-    k = min(k_aux, p.shape[-1])
-    vals, idx = p.topk(k, dim=-1, sorted=False)
-    codes = torch.zeros_like(p).scatter(-1, idx, vals.relu()).view_as(pre)
+    group_size = pre.shape[-1] // n_groups
+    codes = topk_codes(pre.masked_fill(~dead, float("-inf")), min(k_aux, group_size), n_groups)
     e_hat = decode(codes)
     l2 = (e_hat - residual).pow(2).sum()
     total_var = (residual - residual.mean(0)).pow(2).sum().clamp_min(1e-12)

@@ -315,7 +315,7 @@ class SparseCoder(Coder):
             decode = partial(dec.decode_sparse, max_active=c.resolved_auxk_k * c.n_groups)
             auxk = auxk_loss(pre, dead, residual, decode, c.resolved_auxk_k, c.n_groups)
             loss = loss + c.auxk_coefficient * auxk
-        ctx = {"x": x, "x_in": x_in, "token_mask": token_mask, "codes": f, "dec": dec, "enc": enc}
+        ctx = {"x": x, "token_mask": token_mask, "codes": f, "dec": dec, "enc": enc}
         extra = self._extra_losses(ctx, step, total_steps)
         for coef, term in extra.values():
             loss = loss + coef * term
