@@ -148,8 +148,9 @@ class MaskingAccumulator:
         return out if self.mu is None else out + self.mu.to(out.device)
 
     @torch.no_grad()
-    def update(self, x: Tensor) -> None:
-        f = self.coder.encode(x)
+    def update(self, x: Tensor, f: Tensor | None = None) -> None:
+        """``f``: the codes of ``x`` when the caller has them already."""
+        f = self.coder.encode(x) if f is None else f
         active = f > 0
         self.clean += torch.where(active, f, 0).double().sum(0).cpu()
         xc = x if self.mu is None else x - self.mu.to(x.device)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from pipeline.evaluation.judge import GOOD_RATING
 from pipeline.evaluation.latent_details import PURE, LatentDetail
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.splice import SpliceResult
@@ -73,7 +74,7 @@ def summary_row(
         scored = [d.purity for d in details if np.isfinite(d.purity)]
         good, n_rated, mean = sum(p >= PURE for p in scored), len(scored), _finite_mean(scored)
     else:
-        good, n_rated = sum(r >= 4 for r in rated), len(rated)
+        good, n_rated = sum(r >= GOOD_RATING for r in rated), len(rated)
         mean = float(np.mean(rated)) if rated else float("nan")
     return {
         "variant": v.name,

@@ -165,7 +165,7 @@ class VariantPass:
         self.sparsity.update(f)
         self.coherence.update(x, f)
         if self.masking is not None and self.masking_left > 0:
-            self.masking.update(x[: self.masking_left])
+            self.masking.update(x[: self.masking_left], f[: self.masking_left])
             self.masking_left -= min(self.masking_left, x.shape[0])
         self.top.update(f, rows)
         token, latent = (f > 0).nonzero(as_tuple=True)
