@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from pipeline.harvest_manifest import Strict
-from pipeline.manifest_io import ManifestError, read_mapping, validate
+from pipeline.manifest_io import ManifestError, load_manifest, validate
 from pipeline.train_manifest import CoderManifest
 
 
@@ -69,7 +69,7 @@ def variant_manifests(
 
 def load_experiment(path: str | Path) -> tuple[ExperimentManifest, Path]:
     path = Path(path)
-    experiment = validate(ExperimentManifest, read_mapping(path), str(path))
+    experiment = load_manifest(ExperimentManifest, path)
     if not (path.parent / experiment.harvest).is_file():
         raise ManifestError(f"{path}: field 'harvest': no file {path.parent / experiment.harvest}")
     return experiment, path.parent

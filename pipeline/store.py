@@ -64,8 +64,7 @@ class ActivationStore:
         """Decode every chunk and compare its crc32c with the harvest record."""
         for j, name in enumerate(self.hook_names):
             for block, expected in enumerate(self.record["block_crc32c"][name]):
-                start = block * self.chunk_tokens
-                stop = min(start + self.chunk_tokens, self.n_tokens)
+                start, stop = self.chunk_rows(block)
                 try:
                     values = np.ascontiguousarray(self.arrays[j][start:stop])
                 except Exception as err:

@@ -14,7 +14,11 @@ from pydantic import Field, model_validator
 
 from pipeline.cache_key import canonical_json
 from pipeline.harvest_manifest import Strict
-from pipeline.manifest_io import ManifestError, describe_validation_error, read_mapping, validate
+from pipeline.manifest_io import (
+    ManifestError,
+    describe_validation_error,
+    load_manifest,
+)
 
 
 class CacheRef(Strict):
@@ -88,7 +92,7 @@ class CoderManifest(Strict):
 def load_coder_manifest(path: str | Path) -> tuple[CoderManifest, Path]:
     """The manifest and the directory its relative paths are resolved against."""
     path = Path(path)
-    manifest = validate(CoderManifest, read_mapping(path), str(path))
+    manifest = load_manifest(CoderManifest, path)
     return manifest, path.parent
 
 
