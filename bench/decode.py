@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from common import device_name
 
 from pipeline.coders import build_coder, coder_config_from_dict, factorized
 
@@ -95,7 +95,7 @@ def main() -> None:
                 f"{dense_min / sparse_min:4.2f}x"
             )
     figures = {
-        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "layers": args.layers,

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import tempfile
 import time
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import device_name
 
 from pipeline.checkpoint import save_coder
 from pipeline.coders import build_coder, coder_config_from_dict
@@ -52,12 +52,6 @@ DEFAULT_STORE = {
 
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def make_runs(store: ActivationStore, root: Path, latents: int, k: int, rank: int) -> list[Path]:

@@ -39,6 +39,7 @@ import numcodecs
 import numpy as np
 import torch
 import zarr
+from common import device_name, load_average, sync
 
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.models import ActivationModel, load_model, resolve_device
@@ -59,24 +60,6 @@ def parse_layers(value: str) -> list[int] | str:
         return [int(x) for x in value.split(",")]
     count = int(value)
     return sorted(set(np.linspace(0, N_MODEL_LAYERS - 1, count).round().astype(int).tolist()))
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"cpu ({model})"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def round_manifest(args, layers, tokens: int, seed: int) -> HarvestManifest:
@@ -194,7 +177,7 @@ def main() -> None:
 
     layers = parse_layers(args.layers)
     device = resolve_device(args.device)
-    load_before = os.getloadavg()
+    load_before = load_average()
     started_all = time.perf_counter()
     model = load_model(round_manifest(args, layers, per_round, 0).model, args.device)
     dtype = "bfloat16"
@@ -226,7 +209,7 @@ def main() -> None:
     naive_full = naive_seconds(model, naive_windows, hook_names, args.batch, dtype, False)
     naive_stopped = naive_seconds(model, naive_windows, hook_names, args.batch, dtype, True)
     naive_bare.append(bare_forward_seconds(model, naive_windows, hook_names, args.batch, dtype))
-    load_after = os.getloadavg()
+    load_after = load_average()
 
     total = per_round * args.rounds
     naive_tokens = int(naive_windows.size)

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from pathlib import Path
 import psutil
 import torch
 import yaml
+from common import cpu_model, load_average
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -202,10 +202,10 @@ def main() -> None:
         }
     )
     figures = {
-        "device": f"cpu ({platform.processor() or platform.machine()})",
+        "device": f"cpu ({cpu_model()})",
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
-        "load_average_end": os.getloadavg(),
+        "load_average_end": load_average(),
         "wall_seconds": time.perf_counter() - started,
         "model": "SmolLM2-135M (packaged GGUF, dequantised), fp32 forward, 6 layers",
         "layers": LAYERS,

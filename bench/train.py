@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import device_name, sync
 
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.harvest_manifest import load_harvest_manifest
@@ -28,17 +28,6 @@ from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
 from pipeline.store import ActivationStore
 from stages import harvest
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def raw_memmap_rows_per_second(store: ActivationStore, layers: list[int], rows: int) -> float:

@@ -44,11 +44,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
+from common import cpu_model, load_average
 
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader
 from pipeline.models import _local_dir
 from pipeline.store import ActivationStore
+from pipeline.store_format import tree_bytes
 from stages import harvest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -242,10 +244,6 @@ def harvest_ours(manifest: HarvestManifest, cache_root: Path) -> dict:
     }
 
 
-def tree_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def our_reader(store: ActivationStore, args, mode: str = "stream") -> dict:
     """Shuffled training batches from our loader; median layer-rows/s over repeats."""
     started = time.perf_counter()
@@ -315,19 +313,6 @@ def check_same_activations(store: ActivationStore, check_dir: Path, windows: np.
 
 
 # --------------------------------------------------------------------------- report
-
-
-def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def load_now() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
 
 
 def print_table(figures: dict) -> None:
@@ -423,7 +408,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    loads = {"start": load_now()}
+    loads = {"start": load_average()}
     started_all = time.perf_counter()
     try:
         python = ensure_saelens_venv(
@@ -431,7 +416,7 @@ def main() -> None:
         )
     except SaelensSetupError as err:
         raise SystemExit(f"SAELens environment: {err}") from err
-    loads["after_venv"] = load_now()
+    loads["after_venv"] = load_average()
 
     layers = even_layers(args.layers)
     manifest = manifest_for(args, layers)
@@ -440,7 +425,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fmx-vs-saelens-") as tmp_name:
         tmp = Path(tmp_name)
         ours_runs.append(harvest_ours(manifest, tmp / "ours-0"))
-        loads["after_ours_0"] = load_now()
+        loads["after_ours_0"] = load_average()
         store = ActivationStore(ours_runs[0]["path"], verify=True)
         windows = (
             pq.read_table(store.paths.tokens, columns=["token_id"])["token_id"]
@@ -461,12 +446,12 @@ def main() -> None:
             except SaelensSetupError as err:
                 raise SystemExit(f"SAELens side: {err}") from err
             theirs_runs.append(json.loads((tmp / f"saelens-{r}.json").read_text()))
-            loads[f"after_saelens_{r}"] = load_now()
+            loads[f"after_saelens_{r}"] = load_average()
             ours_runs.append(harvest_ours(manifest, tmp / f"ours-{r + 1}"))
-            loads[f"after_ours_{r + 1}"] = load_now()
+            loads[f"after_ours_{r + 1}"] = load_average()
 
         reader = our_reader(store, args)
-        loads["after_our_reader"] = load_now()
+        loads["after_our_reader"] = load_average()
         resident = our_reader(store, args, mode="resident")
         check = check_same_activations(store, tmp / "saelens-check", windows)
         token_layers = args.tokens * len(layers)

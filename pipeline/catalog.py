@@ -8,6 +8,7 @@ from pathlib import Path
 
 from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir
 from pipeline.store import ActivationStore, StoreError
+from pipeline.store_format import tree_bytes
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ def _summary(root: Path, key: str, status: str) -> StoreSummary:
         layers = len(json.loads(paths.completion.read_text())["hooks"])
     elif paths.activations.is_dir():
         layers = sum(1 for p in paths.activations.iterdir() if p.is_dir())
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    size = tree_bytes(root)
     return StoreSummary(key, status, tokens, layers, size / 1e6, _describe_model(manifest))
 
 

@@ -16,7 +16,7 @@ import zarr
 from safetensors.torch import load_file
 
 from pipeline.paths import StorePaths
-from pipeline.store_format import chunk_files, from_storage_numpy
+from pipeline.store_format import chunk_files, from_storage_numpy, tree_bytes
 
 
 class StoreError(RuntimeError):
@@ -123,4 +123,4 @@ class ActivationStore:
         return from_storage_numpy(self.read_stored(start, stop, layers), self.dtype).float()
 
     def size_on_disk(self) -> int:
-        return sum(p.stat().st_size for p in self.paths.root.rglob("*") if p.is_file())
+        return tree_bytes(self.paths.root)

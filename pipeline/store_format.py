@@ -89,6 +89,11 @@ def atomic_write_json(path: Path, value: object) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
+def tree_bytes(root: Path) -> int:
+    """Bytes in every file under ``root``."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
+
+
 def chunk_files(array_dir: Path) -> dict[str, int]:
     """Chunk file name (relative to the array) -> size in bytes."""
     chunks = array_dir / "c"
