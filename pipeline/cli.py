@@ -4,16 +4,31 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import click
 
-from pipeline.assets import AssetError
-from pipeline.store import StoreError
+# Only click and the standard library at import time: `pipeline --help` must feel instant
+# (bench/cli.py), so torch, zarr, dask and transformer_lens load inside the commands.
 
-# ValueError covers ManifestError, ModelError, TextSourceError and CorpusTooSmallError.
-USER_ERRORS = (StoreError, AssetError, FileNotFoundError, ValueError)
+# ValueError covers ManifestError, ModelError, TextSourceError, CorpusTooSmallError, ExportError.
+BUILTIN_USER_ERRORS = (FileNotFoundError, ValueError)
+# Raised only by modules a command has already imported, so looked up there, not imported.
+LAZY_USER_ERRORS = (("pipeline.store", "StoreError"), ("pipeline.assets", "AssetError"))
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Expected failures (bad input, missing cache) rather than bugs."""
+    if isinstance(err, BUILTIN_USER_ERRORS):
+        return True
+    for module, name in LAZY_USER_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(err, cls):
+            return True
+    return False
 
 
 def user_errors(command):
@@ -23,10 +38,21 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except USER_ERRORS as err:
-            raise click.ClickException(str(err)) from None
+        except Exception as err:
+            if is_user_error(err):
+                raise click.ClickException(str(err)) from None
+            raise
 
     return wrapper
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fmxcoders")
+    except PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "0.1.0+checkout"
 
 
 cache_root_option = click.option(
@@ -38,14 +64,26 @@ cache_root_option = click.option(
 
 
 @click.group()
-def main() -> None:
+@click.version_option(_version(), "--version", prog_name="pipeline")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(quiet: bool, verbose: int) -> None:
     """Harvest activations, train cross-layer sparse coders, evaluate them.
 
     \b
     Example:
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml
       pipeline ls
+      pipeline runs
     """
+    level = (
+        logging.WARNING
+        if quiet
+        else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    )
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar (harvest, train, evaluate) reads it
 
 
 @main.command()
@@ -187,8 +225,23 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
         click.echo(f"{result.name:<28}{status:<18}{result.run_dir}")
 
 
+def resolve_runs(targets: tuple[str, ...], runs_root: Path | None = None) -> list[Path]:
+    """Paths as given; anything else is a run's name or hash prefix (``pipeline runs``)."""
+    from pipeline.catalog import find_run
+
+    return [Path(t) if Path(t).exists() else find_run(t, runs_root) for t in targets]
+
+
+runs_root_option = click.option(
+    "--runs-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Runs root (default: $FMX_RUNS_DIR or ~/.cache/fmxcoders/runs).",
+)
+
+
 @main.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("runs", nargs=-1, required=True)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -237,7 +290,8 @@ def evaluate(
 ) -> None:
     """Evaluate trained variants side by side on the cache's held-out documents.
 
-    RUNS are run directories, checkpoint directories or coder manifests. Writes each
+    RUNS are run directories, checkpoint directories, coder manifests, or a run's name or
+    hash prefix as `pipeline runs` lists them. Writes each
     variant's metrics into its run directory, and tables, plots and an HTML report
     (index.html) into the report directory.
 
@@ -245,6 +299,7 @@ def evaluate(
     Example:
       pipeline evaluate manifests/coders/tiny-crosscoder.yaml manifests/coders/tiny-fmxcoder.yaml
       pipeline evaluate runs/2aedd5f3*/* --max-tokens 4096 --no-splice --out report/
+      pipeline evaluate smoke-fmxcoder smoke-crosscoder --no-splice
     """
     from pipeline.evaluation.judge import JudgeError
     from pipeline.evaluation.results import format_table, read_summaries
@@ -260,7 +315,7 @@ def evaluate(
         cache_root=cache_root,
     )
     try:
-        report = evaluate_stage.run(list(runs), out, options)
+        report = evaluate_stage.run(resolve_runs(runs), out, options)
     except JudgeError as err:
         raise click.ClickException(f"judge: {err}") from None
     click.echo(format_table(read_summaries(report)))
@@ -312,3 +367,75 @@ def run_experiment(experiment: Path, results_root: Path | None, device: str | No
     summary = json.loads((result.results / "report" / "results.json").read_text())
     click.echo(render_markdown(result.table, summary))
     click.echo(f"results: {result.results}  (report: {result.results / 'report' / 'index.html'})")
+
+
+@main.command(name="runs")
+@runs_root_option
+@user_errors
+def list_runs(runs_root: Path | None) -> None:
+    """List training runs: name, cache, kind, steps, FVU, L0 and state.
+
+    State is complete (final/ written), running (metrics logged in the last 5 minutes),
+    incomplete (stopped; `pipeline train` resumes it) or broken (unreadable record). FVU
+    and L0 are the evaluation's when the run was evaluated, else the last training step's.
+    Each run directory also holds a `name` file with the manifest's name.
+
+    \b
+    Example:
+      pipeline runs
+      pipeline export smoke-per-layer-sae --format saelens exported/
+    """
+    from pipeline.catalog import list_runs as catalog_runs
+
+    rows = catalog_runs(runs_root)
+    if not rows:
+        click.echo("no runs")
+        return
+    click.echo(
+        f"{'name':<24}{'cache':<18}{'run':<14}{'kind':<15}{'steps':>12}{'FVU':>8}{'L0':>8}  state"
+    )
+    for r in rows:
+        steps = f"{r.steps}/{r.total_steps}"
+        click.echo(
+            f"{r.name[:23]:<24}{r.cache[:17]:<18}{r.run_hash:<14}{r.kind:<15}{steps:>12}"
+            f"{r.fvu:>8.3f}{r.l0:>8.1f}  {r.state}"
+        )
+
+
+@main.command()
+@click.argument("run")
+@click.argument("out", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["saelens", "dictionary_learning"]),
+    required=True,
+    help="saelens: per-layer SAE runs, one folder per layer; dictionary_learning: "
+    "crosscoders and fmxcoders as a CrossCoder (factorised weights expanded).",
+)
+@runs_root_option
+@cache_root_option
+@user_errors
+def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Path | None) -> None:
+    """Write a trained run in another library's format, normalisation folded in.
+
+    RUN is a run directory, a checkpoint directory, or a run's name or hash prefix.
+    The exported dictionary takes raw activations (no cache needed to use it).
+
+    \b
+    Example:
+      pipeline export smoke-per-layer-sae --format saelens exported/sae
+      pipeline export smoke-fmxcoder --format dictionary_learning exported/fmx
+    """
+    from pipeline.export import export_run
+
+    (target,) = resolve_runs((run,), runs_root)
+    checkpoint = target if (target / "coder.json").is_file() else target / "final"
+    if not (checkpoint / "coder.json").is_file():
+        raise click.ClickException(f"{target}: no final checkpoint yet (still training?)")
+    for path in export_run(checkpoint, fmt, out, cache_root):
+        click.echo(str(path))
+
+
+if __name__ == "__main__":
+    main()

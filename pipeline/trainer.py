@@ -34,6 +34,7 @@ from pipeline.train_manifest import CoderManifest, TrainingSpec
 
 if TYPE_CHECKING:
     from pipeline.ddp import DistributedContext
+    from pipeline.run_record import RunRecord
 
 
 def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
@@ -63,6 +64,7 @@ class CoderRun:
     log_time: float = field(default_factory=time.perf_counter)
     log_step: int = 0
     dist: DistributedContext | None = None  # torchrun: this rank's place (pipeline/ddp.py)
+    record: RunRecord | None = None  # normalisation + provenance, saved beside the final weights
 
     def __post_init__(self) -> None:
         spec = self.manifest.training
@@ -131,6 +133,10 @@ class CoderRun:
             "cache_key": self.cache_key,
             "manifest": self.manifest.model_dump(mode="json"),
         }
+        if self.record is not None:  # final/ then works without the cache (pipeline/export.py)
+            extra.update(self.record.metadata())
+            self.paths.final.mkdir(parents=True, exist_ok=True)
+            self.record.write(self.paths.final)
         save_coder(self.paths.final, self.coder, extra)
 
     def try_resume(self) -> None:

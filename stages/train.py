@@ -15,12 +15,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
-from pipeline.catalog import find_store
+from pipeline.catalog import find_store, write_run_name
 from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
+from pipeline.run_record import RunRecord
 from pipeline.store import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
@@ -168,7 +169,11 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             device = dist.device(device)
         spec = manifest.training
         signature = (store.key, tuple(layers), spec.batch_size, spec.seed, spec.centre, str(device))
-        groups[signature].append(new_coder_run(manifest, config, paths, store.key, device, dist))
+        coder_run = new_coder_run(manifest, config, paths, store.key, device, dist)
+        coder_run.record = RunRecord.from_store(store, layers, spec.centre, manifest.name)
+        if coder_run.is_main:
+            write_run_name(paths.root, manifest.name)
+        groups[signature].append(coder_run)
         stores[signature] = (store, layers, manifest)
     for signature, runs in groups.items():
         store, layers, manifest = stores[signature]

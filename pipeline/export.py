@@ -1,0 +1,288 @@
+"""Export trained coders into the on-disk formats of SAELens and dictionary_learning.
+
+Both exports fold our per-layer normalisation ``x_norm = (x - centre * mean) * scale`` into
+the weights, so the exported dictionary takes and returns raw activations:
+``W_enc' = scale * W_enc``, ``b_enc' = b_enc - sum_l scale_l (centre * mean_l) W_enc[l]``,
+``W_dec' = W_dec / scale``, ``b_dec' = b_dec / scale + centre * mean``. Pre-activations are
+unchanged by the fold, so TopK choices and JumpReLU/BatchTopK thresholds carry over exactly.
+
+* ``saelens`` (per-layer SAE runs): one folder per layer, named by its hook, holding
+  ``cfg.json`` + ``sae_weights.safetensors`` as SAELens 6.x writes them, for
+  ``sae_lens.SAE.load_from_disk(folder)``. relu -> ``standard``, topk -> ``topk``,
+  jumprelu -> ``jumprelu``, batchtopk -> ``jumprelu`` with the tracked threshold (that is
+  how BatchTopK runs at inference; SAELens does the same conversion).
+* ``dictionary_learning`` (crosscoders, fmxcoders; factorised weights expanded to dense):
+  the layout of ``CrossCoder`` / ``BatchTopKCrossCoder`` in the maintained crosscoder fork
+  of dictionary_learning (github.com/jkminder/dictionary_learning; the ``dictionary-learning``
+  0.1.0 wheel on PyPI has no crosscoder class): ``model.safetensors`` with
+  ``encoder.weight [L, d, m]``, ``encoder.bias [m]``, ``decoder.weight [L, m, d]``,
+  ``decoder.bias [L, d]`` and the class's buffers, ``config.json`` with its constructor
+  arguments (``Class.from_pretrained(folder, from_hub=True)`` reads both), and
+  ``fmxcoders.json`` with the provenance. relu -> ``CrossCoder``; batchtopk ->
+  ``BatchTopKCrossCoder`` (code normalisation NONE, so its threshold compares raw codes as
+  ours does); topk -> ``BatchTopKCrossCoder`` too: per-token TopK is its
+  ``encode(x, use_threshold=False)`` on one token at a time (the threshold is unset).
+
+``saelens_forward`` and ``dictionary_learning_forward`` re-implement each library's
+inference forward from the exported files alone, so the tests check an export without
+installing either library (bench/export_roundtrip.py checks with the real ones).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from pipeline.run_record import RunRecord
+
+FORMATS = ("saelens", "dictionary_learning")
+SAELENS_VERSION = "6.54.12"  # the SAELens whose layout this writes (bench/export_roundtrip.py)
+_CODE_NORMALISATION_ID = {"CROSSCODER": 1, "NONE": 4}  # dictionary_learning's enum values
+
+
+class ExportError(ValueError):
+    """A run that the chosen format cannot represent; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class Folded:
+    """Dense weights in raw activation units."""
+
+    W_enc: Tensor  # [L, d, m]
+    b_enc: Tensor  # [m]
+    W_dec: Tensor  # [L, m, d]
+    b_dec: Tensor  # [L, d]
+
+
+@torch.no_grad()
+def fold(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor, b_dec: Tensor, record: RunRecord) -> Folded:
+    """Fold the record's normalisation into dense ``[L, d, m]`` / ``[L, m, d]`` weights."""
+    scale = record.scale.double()
+    shift = record.mean.double() * float(record.centre)  # [L, d]
+    w_enc = W_enc.double() * scale[:, None, None]
+    b_enc_raw = b_enc.double() - torch.einsum("ld,ldm->m", shift, w_enc)
+    w_dec = W_dec.double() / scale[:, None, None]
+    b_dec_raw = b_dec.double() / scale[:, None] + shift
+    return Folded(w_enc.float(), b_enc_raw.float(), w_dec.float(), b_dec_raw.float())
+
+
+def _activation_threshold(coder: Any) -> Tensor | None:
+    """The inference threshold per latent (JumpReLU, tracked BatchTopK), or None."""
+    act = coder.activation
+    kind = coder.config.activation
+    if kind == "jumprelu":
+        return act.threshold.detach().float()
+    if kind == "batchtopk" and bool((act.threshold_updates > 0).all()):
+        group = coder.n_latents // act.n_groups
+        return act.threshold.detach().float().repeat_interleave(group)
+    return None
+
+
+def _inference_kind(coder: Any) -> str:
+    """relu, topk or threshold (BatchTopK before any training batch runs as TopK)."""
+    kind = coder.config.activation
+    if kind in ("jumprelu", "batchtopk") and _activation_threshold(coder) is not None:
+        return "threshold"
+    return "topk" if kind in ("topk", "batchtopk") else kind
+
+
+def _safe_folder(hook: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", hook)
+
+
+def export_saelens(coder: Any, record: RunRecord, out: Path) -> list[Path]:
+    """One SAELens folder per layer of a per-layer SAE; returns the folders."""
+    if coder.config.kind != "per_layer_sae":
+        raise ExportError(
+            f"--format saelens takes per-layer SAE runs; this run is a {coder.config.kind} "
+            "(use --format dictionary_learning)"
+        )
+    n_layers, m = coder.n_layers, coder.config.latents_per_layer
+    threshold = _activation_threshold(coder)
+    kind = _inference_kind(coder)
+    folders = []
+    for layer, hook in enumerate(record.hook_names):
+        one = slice(layer, layer + 1)
+        layer_record = replace(record, mean=record.mean[one], scale=record.scale[one])
+        folded = fold(
+            coder.W_enc.detach()[one],
+            coder.b_enc.detach().view(n_layers, m)[layer],
+            coder.W_dec.detach()[one],
+            coder.b_dec.detach()[one],
+            layer_record,
+        )
+        tensors = {
+            "W_enc": folded.W_enc[0].contiguous(),  # [d, m]
+            "W_dec": folded.W_dec[0].contiguous(),  # [m, d]
+            "b_enc": folded.b_enc.contiguous(),
+            "b_dec": folded.b_dec[0].contiguous(),
+        }
+        cfg: dict[str, Any] = {
+            "d_in": coder.d_model,
+            "d_sae": m,
+            "dtype": "float32",
+            "device": "cpu",
+            "apply_b_dec_to_input": False,  # raw-unit biases: the fold needs no input shift
+            "normalize_activations": "none",  # folded into the weights
+            "reshape_activations": "none",
+        }
+        if kind == "relu":
+            cfg["architecture"] = "standard"
+        elif kind == "topk":
+            cfg.update(architecture="topk", k=coder.config.k, rescale_acts_by_decoder_norm=False)
+        else:
+            cfg["architecture"] = "jumprelu"
+            tensors["threshold"] = threshold.view(n_layers, m)[layer].contiguous()
+        cfg["metadata"] = {
+            "sae_lens_version": SAELENS_VERSION,
+            "sae_lens_training_version": None,
+            "hook_name": hook,
+            "model_name": str(record.model.get("name", "")),
+            "prepend_bos": True,
+            "fmxcoders": {
+                "run": record.name,
+                "cache_key": record.cache_key,
+                "layer": record.layers[layer],
+                "activation": coder.config.activation,
+                "model": record.model,
+                "storage_dtype": record.storage_dtype,
+            },
+        }
+        folder = Path(out) / _safe_folder(hook)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "sae_weights.safetensors"))
+        (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        folders.append(folder)
+    return folders
+
+
+def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path:
+    """A crosscoder/fmxcoder (dense expansion) in dictionary_learning's CrossCoder layout."""
+    if coder.config.kind == "per_layer_sae":
+        raise ExportError(
+            "--format dictionary_learning takes crosscoder and fmxcoder runs; a per-layer SAE "
+            "run exports with --format saelens"
+        )
+    kind = _inference_kind(coder)
+    if coder.config.activation == "jumprelu":
+        raise ExportError(
+            "dictionary_learning's crosscoders have no per-latent JumpReLU threshold: "
+            "a jumprelu crosscoder cannot be exported to it"
+        )
+    folded = fold(
+        coder.encoder_weight().detach(),
+        coder.b_enc.detach(),
+        coder.decoder_weight().detach().transpose(0, 1),
+        coder.b_dec.detach(),
+        record,
+    )
+    n_layers, d, m = folded.W_enc.shape
+    nan = torch.full((n_layers, d), float("nan"))
+    norm_name = "CROSSCODER" if kind == "relu" else "NONE"
+    tensors = {
+        "encoder.weight": folded.W_enc.contiguous(),
+        "encoder.bias": folded.b_enc.contiguous(),
+        "decoder.weight": folded.W_dec.contiguous(),
+        "decoder.bias": folded.b_dec.contiguous(),
+        "activation_mean": nan.clone(),  # NaN: the class's own normaliser is off (folded)
+        "activation_std": nan.clone(),
+        "target_rms": torch.tensor(1.0),
+        "activation_global_scale": torch.tensor(1.0),
+        "code_normalization_id": torch.tensor(_CODE_NORMALISATION_ID[norm_name]),
+    }
+    config: dict[str, Any] = {
+        "activation_dim": d,
+        "dict_size": m,
+        "num_layers": n_layers,
+        "code_normalization": norm_name,
+        "target_rms": 1.0,
+    }
+    class_name = "CrossCoder"
+    if kind != "relu":
+        class_name = "BatchTopKCrossCoder"
+        threshold = _activation_threshold(coder)
+        tensors["k"] = torch.tensor(coder.config.k, dtype=torch.int32)
+        # A scalar threshold (one activation group); -1 for TopK: use use_threshold=False.
+        value = float(threshold[0]) if threshold is not None else -1.0
+        tensors["threshold"] = torch.tensor(value, dtype=torch.float32)
+        config["k"] = coder.config.k
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    provenance = {
+        "class": class_name,
+        "layout": "jkminder/dictionary_learning CrossCoder (encoder [L,d,m], decoder [L,m,d])",
+        "activation": coder.config.activation,
+        "per_token_topk": kind == "topk",
+        "usage": (
+            "encode(x, use_threshold=False) one token at a time (per-token TopK)"
+            if kind == "topk"
+            else "forward(x) on raw activations [batch, L, d]"
+        ),
+        "hook_names": record.hook_names,
+        **record.metadata(),
+        "coder": coder.config.model_dump(mode="json"),
+    }
+    (out / "fmxcoders.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def export_run(checkpoint: Path, fmt: str, out: Path, cache_root: Path | None = None) -> list[Path]:
+    """Export a run's final checkpoint (or any checkpoint directory); returns what it wrote."""
+    from pipeline.checkpoint import load_coder
+    from pipeline.run_record import load_record
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    coder = load_coder(checkpoint)
+    record = load_record(checkpoint, cache_root)
+    if fmt == "saelens":
+        return export_saelens(coder, record, out)
+    return [export_dictionary_learning(coder, record, out)]
+
+
+# ---------------------------------------------------------- the libraries' forwards, re-read
+
+
+def saelens_forward(folder: Path, x: Tensor) -> Tensor:
+    """SAELens 6.x inference (standard / topk / jumprelu) from ``folder``'s files, on raw x."""
+    cfg = json.loads((Path(folder) / "cfg.json").read_text(encoding="utf-8"))
+    w = load_file(str(Path(folder) / "sae_weights.safetensors"))
+    sae_in = x - w["b_dec"] * float(cfg.get("apply_b_dec_to_input", True))
+    pre = sae_in @ w["W_enc"] + w["b_enc"]
+    arch = cfg["architecture"]
+    if arch == "standard":
+        acts = pre.relu()
+    elif arch == "topk":
+        vals, idx = pre.topk(cfg["k"], dim=-1, sorted=False)
+        acts = torch.zeros_like(pre).scatter(-1, idx, vals.relu())
+    elif arch == "jumprelu":
+        acts = pre.relu() * (pre > w["threshold"]).to(pre.dtype)
+    else:
+        raise ExportError(f"{folder}: architecture {arch!r} is not one this module writes")
+    return acts @ w["W_dec"] + w["b_dec"]
+
+
+def dictionary_learning_forward(folder: Path, x: Tensor) -> Tensor:
+    """dictionary_learning's CrossCoder / BatchTopKCrossCoder inference on raw ``[B, L, d]``.
+
+    TopK exports (threshold -1) run its ``use_threshold=False`` path token by token."""
+    w = load_file(str(Path(folder) / "model.safetensors"))
+    pre = torch.einsum("bld,ldf->bf", x, w["encoder.weight"]) + w["encoder.bias"]
+    f = pre.relu()
+    if "k" in w:
+        if float(w["threshold"]) >= 0:
+            f = f * (f > w["threshold"])
+        else:
+            k = int(w["k"])
+            vals, idx = f.topk(k, dim=-1, sorted=False)
+            f = torch.zeros_like(f).scatter(-1, idx, vals)
+    return torch.einsum("bf,lfd->bld", f, w["decoder.weight"]) + w["decoder.bias"]
