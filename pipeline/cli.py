@@ -323,12 +323,13 @@ def evaluate(
 
 
 @main.command()
-@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("runs", nargs=-1, required=True)
 @user_errors
-def compare(runs: tuple[Path, ...]) -> None:
+def compare(runs: tuple[str, ...]) -> None:
     """Print saved evaluation results of several variants side by side.
 
-    RUNS are run directories (their latest evaluation) or report directories.
+    RUNS are run directories (their latest evaluation), report directories, or run names
+    or hash prefixes (`pipeline runs`).
 
     \b
     Example:
@@ -336,7 +337,7 @@ def compare(runs: tuple[Path, ...]) -> None:
     """
     from pipeline.evaluation.results import format_table, read_summaries
 
-    rows = [row for run in runs for row in read_summaries(run)]
+    rows = [row for run in resolve_runs(runs) for row in read_summaries(run)]
     click.echo(format_table(rows))
 
 

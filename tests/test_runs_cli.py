@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,3 +86,24 @@ def test_unknown_run_and_wrong_format_are_one_line_errors(trained_runs: TrainedR
     result = invoke("export", "tiny-fmx", str(tmp_path), "--format", "saelens", "--runs-root", root)
     assert result.exit_code == 1 and "per-layer SAE runs" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_states_running_incomplete_broken(tmp_path) -> None:
+    from pipeline.catalog import find_run, list_runs
+
+    record = {"manifest": {"name": "x", "training": {"tokens": 1000, "batch_size": 100}},
+              "coder": {"kind": "crosscoder"}}  # fmt: skip
+    for run_hash, log_age in (("aaa111", 0), ("bbb222", 3600)):
+        run = tmp_path / "cachekey" / run_hash
+        run.mkdir(parents=True)
+        (run / "coder_manifest.json").write_text(json.dumps(record))
+        (run / "metrics.jsonl").write_text('{"step": 4, "fvu": 0.5, "l0": 3.0}\n')
+        old = (run / "metrics.jsonl").stat().st_mtime - log_age
+        os.utime(run / "metrics.jsonl", (old, old))
+    (tmp_path / "cachekey" / "ccc333").mkdir()  # no record at all
+    states = {r.run_hash: (r.state, r.steps, r.total_steps, r.fvu) for r in list_runs(tmp_path)}
+    assert states["aaa111"] == ("running", 4, 10, 0.5)
+    assert states["bbb222"][0] == "incomplete" and states["ccc333"][0] == "broken"
+    assert find_run("bbb", tmp_path).name == "bbb222"
+    with pytest.raises(ValueError, match="ambiguous"):
+        find_run("x", tmp_path)  # two runs share the name
