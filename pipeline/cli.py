@@ -67,7 +67,8 @@ cache_root_option = click.option(
 @click.version_option(_version(), "--version", prog_name="pipeline")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-def main(quiet: bool, verbose: int) -> None:
+@click.pass_context
+def main(ctx: click.Context, quiet: bool, verbose: int) -> None:
     """Harvest activations, train cross-layer sparse coders, evaluate them.
 
     \b
@@ -82,8 +83,17 @@ def main(quiet: bool, verbose: int) -> None:
         else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"  # every tqdm bar (harvest, train, evaluate) reads it
+    if quiet:  # every tqdm bar (harvest, train, evaluate) reads TQDM_DISABLE
+        previous = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        ctx.call_on_close(functools.partial(_restore_env, "TQDM_DISABLE", previous))
+
+
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 @main.command()

@@ -56,6 +56,16 @@ class TrainingSpec(Strict):
     log_every: int = Field(20, ge=1, description="Steps between metric log lines.")
 
 
+class WandbSpec(Strict):
+    """Optional Weights & Biases logging (needs ``pip install wandb``; off by default)."""
+
+    project: str = Field(description="W&B project the run logs to.")
+    entity: str | None = Field(None, description="W&B entity (team or user); default: yours.")
+    mode: Literal["online", "offline", "disabled"] = Field(
+        "online", description="offline: write locally, `wandb sync` later."
+    )
+
+
 class TrainRunSpec(Strict):
     """How to run; never part of the run key."""
 
@@ -65,6 +75,9 @@ class TrainRunSpec(Strict):
         "auto", description="Keep the split on the device, or stream chunks."
     )
     progress: bool = Field(True, description="Show a progress bar.")
+    wandb: WandbSpec | None = Field(
+        None, description="Log metrics to Weights & Biases as well (default: off)."
+    )
 
 
 class CoderManifest(Strict):

@@ -71,7 +71,9 @@ def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
     return RunPaths(run_dir(root, cache, manifest.run_hash()))
 
 
-def _log(run: CoderRun, terms: dict[str, float], tokens_per_second: float, writer) -> None:
+def _log(
+    run: CoderRun, terms: dict[str, float], tokens_per_second: float, writer, wandb_run=None
+) -> None:
     record = {"step": run.step, "tokens": run.step * run.manifest.training.batch_size}
     record.update({k: float(v) for k, v in terms.items()})
     record["tokens_per_second"] = tokens_per_second
@@ -81,6 +83,33 @@ def _log(run: CoderRun, terms: dict[str, float], tokens_per_second: float, write
         for key, value in record.items():
             if key != "step":
                 writer.add_scalar(key, value, run.step)
+    if wandb_run is not None:
+        wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
+
+
+def _wandb(run: CoderRun):
+    """A W&B run when the manifest asks for one (``run.wandb``); wandb is imported only then."""
+    spec = run.manifest.run.wandb
+    if spec is None:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ValueError(
+            f"{run.manifest.name}: run.wandb is set but wandb is not installed "
+            "(pip install wandb, or remove run.wandb)"
+        ) from None
+    return wandb.init(
+        project=spec.project,
+        entity=spec.entity,
+        mode=spec.mode,
+        name=run.manifest.name,
+        id=f"{run.cache_key}-{run.paths.root.name}",  # a resumed run continues its W&B run
+        resume="allow",
+        dir=str(run.paths.root),
+        config=json.loads(run.paths.manifest.read_text()) if run.paths.manifest.is_file() else {},
+        reinit=True,
+    )
 
 
 def _tensorboard(run: CoderRun):
@@ -101,6 +130,7 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
     per_epoch = loader.steps_per_epoch()
     main = all(r.is_main for r in active)  # torchrun: rank 0 alone logs
     writers = {id(r): _tensorboard(r) if main else None for r in active}
+    wandb_runs = {id(r): _wandb(r) if main else None for r in active}
     names = ", ".join(r.manifest.name for r in active)
     bar = tqdm(
         total=total,
@@ -126,7 +156,14 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
                         elapsed = max(now - run.log_time, 1e-9)
                         rate = (run.step - run.log_step) * spec.batch_size / elapsed
                         run.log_time, run.log_step = now, run.step
-                        _log(run, terms, rate, writers[id(run)])
+                        _log(run, terms, rate, writers[id(run)], wandb_runs[id(run)])
+                        if len(active) == 1 or run is active[0]:  # the bar shows one run
+                            bar.set_postfix(
+                                loss=f"{terms['loss']:.4g}",
+                                fvu=f"{terms['fvu']:.3f}",
+                                l0=f"{terms['l0']:.1f}",
+                                refresh=False,
+                            )
                     if run.step % spec.checkpoint_every == 0 and not run.done:
                         run.save_checkpoint()
                 step += 1
@@ -138,6 +175,9 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
         for writer in writers.values():
             if writer is not None:
                 writer.close()
+        for wandb_run in wandb_runs.values():
+            if wandb_run is not None:
+                wandb_run.finish()
     for run in active:
         run.save_final()
 

@@ -1,0 +1,99 @@
+"""How fast the CLI answers: ``pipeline --help``, ``--version`` and every command's ``--help``.
+
+Each is run ``--repeats`` times as a fresh process (``python -m pipeline.cli ...``, so the
+interpreter start-up counts, as it does for a user); the median wall time must stay under
+0.5 s. Also records which heavy modules (torch, transformer_lens, dask, zarr) the help
+path imported: none should be.
+
+    python bench/cli.py              # writes bench/results/cli-cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import cpu_model, load_average
+
+REPO = Path(__file__).resolve().parents[1]
+LIMIT_S = 0.5
+HEAVY = ("torch", "transformer_lens", "dask", "zarr", "transformers", "pyarrow", "numpy")
+PROBE = (
+    "import sys; from pipeline.cli import main\n"
+    "try:\n    main(sys.argv[1:], standalone_mode=False)\nexcept SystemExit:\n    pass\n"
+    f"print('HEAVY', [m for m in {HEAVY!r} if m in sys.modules], file=sys.stderr)"
+)
+
+
+def commands() -> list[str]:
+    sys.path.insert(0, str(REPO))
+    from pipeline.cli import main
+
+    return sorted(main.commands)
+
+
+def timed(args: list[str], env: dict[str, str], module: bool = True) -> float:
+    cmd = [sys.executable, "-m", "pipeline.cli", *args] if module else [sys.executable, *args]
+    start = time.perf_counter()
+    subprocess.run(cmd, env=env, capture_output=True, check=True)
+    return time.perf_counter() - start
+
+
+def heavy_imports(args: list[str], env: dict[str, str]) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *args], env=env, capture_output=True, text=True, check=True
+    )
+    line = next(ln for ln in done.stderr.splitlines() if ln.startswith("HEAVY"))
+    return json.loads(line.removeprefix("HEAVY ").replace("'", '"'))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=REPO / "bench/results/cli-cpu.json")
+    args = parser.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cases = [["--help"], ["--version"]] + [[name, "--help"] for name in commands()]
+    rows = []
+    for case in cases:
+        times = [timed(case, env) for _ in range(args.repeats)]
+        rows.append(
+            {
+                "command": "pipeline " + " ".join(case),
+                "median_s": round(statistics.median(times), 4),
+                "max_s": round(max(times), 4),
+                "heavy_modules_imported": heavy_imports(case, env),
+            }
+        )
+        print(f"{rows[-1]['command']:<28} median {rows[-1]['median_s']:.3f} s", flush=True)
+    baseline = [
+        timed(["-c", "pass"], env, module=False) for _ in range(args.repeats)
+    ]  # bare interpreter
+    result = {
+        "benchmark": "cli",
+        "command": " ".join(["python", *sys.argv]),
+        "cpu": cpu_model(),
+        "load_average": load_average(),
+        "python": sys.version.split()[0],
+        "repeats": args.repeats,
+        "limit_s": LIMIT_S,
+        "python_startup_median_s": round(statistics.median(baseline), 4),
+        "cases": rows,
+        "slowest_median_s": max(r["median_s"] for r in rows),
+        "all_under_limit": all(r["median_s"] < LIMIT_S for r in rows),
+        "no_heavy_imports": not any(r["heavy_modules_imported"] for r in rows),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    under, light = result["all_under_limit"], result["no_heavy_imports"]
+    print(f"slowest {result['slowest_median_s']:.3f} s; under {LIMIT_S} s: {under}; light: {light}")
+
+
+if __name__ == "__main__":
+    main()

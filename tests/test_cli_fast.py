@@ -1,0 +1,108 @@
+"""The CLI answers instantly (no heavy imports on --help), --version, -q, the training bar's
+loss/FVU/L0, and optional Weights & Biases logging through a fake wandb module."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+from pipeline.train_manifest import CoderManifest
+from stages import train
+
+HEAVY = ("torch", "transformer_lens", "dask", "zarr", "transformers", "pyarrow")
+
+
+def test_every_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        "for args in [['--help'], ['--version']] + [[c, '--help'] for c in main.commands]:\n"
+        "    try:\n        main(args, standalone_mode=False)\n"
+        "    except SystemExit:\n        pass\n"
+        f"print('HEAVY', sorted(m for m in {HEAVY!r} if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY []"
+
+
+def test_version_and_quiet(monkeypatch) -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and result.output.startswith("pipeline, version ")
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    seen = {}
+
+    @main.command(name="probe-env")
+    def probe_env() -> None:
+        seen["during"] = os.environ.get("TQDM_DISABLE")
+
+    try:
+        assert CliRunner().invoke(main, ["-q", "probe-env"]).exit_code == 0
+    finally:
+        main.commands.pop("probe-env")
+    assert seen["during"] == "1" and "TQDM_DISABLE" not in os.environ
+
+
+class FakeWandb(types.ModuleType):
+    """Records what training sends to wandb."""
+
+    def __init__(self) -> None:
+        super().__init__("wandb")
+        self.inits: list[dict] = []
+        self.logs: list[tuple[dict, int]] = []
+        self.finished = 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        fake = self
+
+        class Run:
+            def log(self, data: dict, step: int) -> None:
+                fake.logs.append((data, step))
+
+            def finish(self) -> None:
+                fake.finished += 1
+
+        return Run()
+
+
+def manifest(tiny_cache_root, runs_root, **run) -> CoderManifest:
+    key = next(p.name for p in tiny_cache_root.iterdir() if p.is_dir())
+    return CoderManifest.model_validate(
+        {
+            "name": "wandb-run",
+            "cache": {"key": key, "root": str(tiny_cache_root)},
+            "coder": {"kind": "crosscoder", "n_latents": 32, "activation": "topk", "k": 4},
+            "training": {"tokens": 1024, "batch_size": 256, "log_every": 1},
+            "run": {"runs_root": str(runs_root), **run},
+        }
+    )
+
+
+def test_wandb_logging_and_bar_postfix(tiny_cache_root, tmp_path, monkeypatch, capsys) -> None:
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    spec = manifest(tiny_cache_root, tmp_path, progress=True, wandb={"project": "fmx"})
+    train.run([(spec, tmp_path)])
+    (init,) = fake.inits
+    assert init["project"] == "fmx" and init["name"] == "wandb-run" and init["mode"] == "online"
+    assert [step for _, step in fake.logs] == [1, 2, 3, 4] and fake.finished == 1
+    assert {"loss", "fvu", "l0"} <= set(fake.logs[-1][0])
+    bar = capsys.readouterr().err
+    assert "fvu=" in bar and "l0=" in bar and "loss=" in bar
+
+
+def test_wandb_off_by_default_and_missing_wandb_is_a_clear_error(
+    tiny_cache_root, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    train.run([(manifest(tiny_cache_root, tmp_path / "a", progress=False), tmp_path)])
+    spec = manifest(tiny_cache_root, tmp_path / "b", progress=False, wandb={"project": "p"})
+    with pytest.raises(ValueError, match=r"run\.wandb is set but wandb is not installed"):
+        train.run([(spec, tmp_path)])
