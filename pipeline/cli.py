@@ -89,6 +89,11 @@ def main(ctx: click.Context, quiet: bool, verbose: int) -> None:
         ctx.call_on_close(functools.partial(_restore_env, "TQDM_DISABLE", previous))
 
 
+def quiet() -> bool:
+    """Whether ``pipeline -q`` was given (commands then turn their progress bars off)."""
+    return bool(click.get_current_context().find_root().params.get("quiet"))
+
+
 def _restore_env(name: str, value: str | None) -> None:
     if value is None:
         os.environ.pop(name, None)
@@ -138,6 +143,8 @@ def harvest(
 
     spec = load_harvest_manifest(manifest)
     overrides = {k: v for k, v in {"device": device, "batch_size": batch_size}.items() if v}
+    if quiet():
+        overrides["progress"] = False
     if overrides:
         spec = spec.model_copy(update={"run": spec.run.model_copy(update=overrides)})
     result = harvest_stage.run(
@@ -224,8 +231,11 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
     loaded = []
     for path in manifests:
         spec, base = load_coder_manifest(path)
-        if device:
-            spec = spec.model_copy(update={"run": spec.run.model_copy(update={"device": device})})
+        run_overrides = {"device": device} if device else {}
+        if quiet():
+            run_overrides["progress"] = False
+        if run_overrides:
+            spec = spec.model_copy(update={"run": spec.run.model_copy(update=run_overrides)})
         loaded.append((spec, base))
     results = train_stage.run(loaded)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 alone reports
@@ -267,6 +277,12 @@ runs_root_option = click.option(
     "the packaged SmolLM2-Instruct (weak, offline).",
 )
 @click.option(
+    "--judge-fallback",
+    is_flag=True,
+    help="If the judge fails (after retries), rate with the purity proxy instead of "
+    "stopping; the table then says so.",
+)
+@click.option(
     "--max-tokens", type=click.IntRange(min=1), default=None, help="Cap on held-out tokens."
 )
 @click.option(
@@ -291,6 +307,7 @@ def evaluate(
     runs: tuple[Path, ...],
     out: Path | None,
     judge: str,
+    judge_fallback: bool,
     max_tokens: int | None,
     latents_sampled: int,
     no_splice: bool,
@@ -317,18 +334,24 @@ def evaluate(
 
     options = evaluate_stage.EvaluateOptions(
         judge=judge,
+        judge_fallback=judge_fallback,
         latents_sampled=latents_sampled,
         max_tokens=max_tokens,
         splice=not no_splice,
         splice_windows=splice_windows,
         device=device,
         cache_root=cache_root,
+        progress=not quiet(),
     )
     try:
         report = evaluate_stage.run(resolve_runs(runs), out, options)
     except JudgeError as err:
         raise click.ClickException(f"judge: {err}") from None
-    click.echo(format_table(read_summaries(report)))
+    rows = read_summaries(report)
+    click.echo(format_table(rows))
+    for row in rows:
+        if str(row.get("judge", "")).startswith("purity (fallback"):
+            click.echo(f"note: {row['variant']}: 'coherent' is the {row['judge']}")
     click.echo(f"\nreport: {report / 'index.html'}")
 
 

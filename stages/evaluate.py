@@ -59,6 +59,7 @@ from stages.train import open_cache, run_paths, store_layers
 @dataclass(frozen=True)
 class EvaluateOptions:
     judge: str = "purity"  # purity | openai | transformers
+    judge_fallback: bool = False  # a failing judge: purity proxy (labelled) instead of an error
     latents_sampled: int = 24  # latents judged and given a page, per variant
     max_tokens: int | None = None  # cap on held-out tokens (the first, in store order)
     splice: bool = True  # spliced-in CE/KL (loads the model)
@@ -163,6 +164,7 @@ class _Measured:
     purity: dict[str, tuple[np.ndarray, np.ndarray]]
     details: dict[str, list[ld.LatentDetail]]
     splices: dict[str, SpliceResult]
+    judged: dict[str, str]  # who rated each variant: the judge, or the labelled fallback
 
 
 def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
@@ -213,14 +215,17 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
         windows = eval_windows(tokens, passed.eval_rows, ctx, options.splice_windows)
         union_hooks = [store.hook_names[layer] for layer in union]
         splices = splice_scores(model, variants, union_hooks, windows, progress=options.progress)
+    judged = {res.variant.name: options.judge for res in passed.variants}
     for res in passed.variants:
         name = res.variant.name
         for d in details[name]:
             d.purity, d.purity_class = float(purity[name][0][d.latent]), purity[name][1][d.latent]
-        ld.rate(details[name], backend, options.judge_contexts)
+        failed = ld.rate(details[name], backend, options.judge_contexts, options.judge_fallback)
+        if failed is not None:
+            judged[name] = f"purity (fallback: {options.judge} judge failed: {failed})"
         if model is not None:
             ld.logit_effects(details[name], res, ld.unembedding(model), hooks_of[name])
-    return _Measured(passed, tasks, probe_rows, purity, details, splices)
+    return _Measured(passed, tasks, probe_rows, purity, details, splices, judged)
 
 
 def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -> None:
@@ -236,7 +241,7 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             hooks_of[name],
             m.purity[name][0],
             m.details[name],
-            options.judge,
+            m.judged[name],
             by_k,
             m.splices.get(name),
         )

@@ -149,8 +149,8 @@ def test_openai_backend_errors(server: ThreadingHTTPServer, model: str, message:
     judge = _judge(server, model, max_response_bytes=1000)
     with pytest.raises(JudgeError, match=message):
         judge.complete(build_messages(["x"]))
-    report = judge_latents(judge, {1: ["x"]})  # recorded, not raised
-    assert report.n_rated == 0 and message in report.verdicts[1].error
+    with pytest.raises(JudgeError, match=message):  # raised: never a silent 0/0
+        judge_latents(judge, {1: ["x"]})
 
 
 def test_openai_backend_timeout(server: ThreadingHTTPServer) -> None:
@@ -203,8 +203,10 @@ def test_transformers_backend() -> None:
         "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
         "{% if add_generation_prompt %}assistant:{% endif %}"
     )
-    report = judge_latents(judge, {3: ["a <<b>>"]})  # random weights: any reply, no crash
-    assert set(report.verdicts) == {3}
+    try:  # random weights: any reply; a reply without a rating is a loud JudgeError
+        assert set(judge_latents(judge, {3: ["a <<b>>"]}).verdicts) == {3}
+    except JudgeError as err:
+        assert "no reply held a rating" in str(err)
 
 
 def test_sample_alive() -> None:

@@ -4,19 +4,18 @@ The judge sees a latent's top-activating contexts (active tokens marked ``<<like
 and rates coherence 1-5 with a one-line explanation; the headline is the count rated >= 4.
 Replies are free text from models of any quality, so the parser accepts JSON, "Rating: 4",
 "4/5", "4 out of 5" or a bare digit, and anything else gives ``rating=None`` rather than an
-exception. Backends: any OpenAI-compatible endpoint over stdlib urllib (bounded reads,
-timeouts, a few retries on 429/5xx) or a local transformers model.
+exception. Backends: any OpenAI-compatible endpoint over httpx (bounded reads, timeouts,
+retries with exponential backoff on connection errors, 429 and 5xx) or a local transformers
+model. An endpoint that still fails raises ``JudgeError``: the evaluation stops with one
+line, or (``--judge-fallback``) falls back to the purity proxy and says so in its table.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -121,7 +120,8 @@ def parse_verdict(reply: object) -> Verdict:
 
 
 class JudgeError(RuntimeError):
-    """A backend failed to produce a reply (HTTP error, timeout, malformed body)."""
+    """The judge could not rate (endpoint unreachable or erroring after retries, malformed
+    replies, no usable rating at all); ends the evaluation unless a fallback was asked for."""
 
 
 class ChatBackend(Protocol):
@@ -129,9 +129,13 @@ class ChatBackend(Protocol):
 
 
 class OpenAIJudge:
-    """``POST {base_url}/chat/completions`` (base_url ends in /v1, as for the openai client)."""
+    """``POST {base_url}/chat/completions`` over httpx (base_url ends in /v1, as for openai).
 
-    RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+    Connection errors, timeouts, 429 and 5xx are retried ``retries`` times with exponential
+    backoff (``backoff * 2**attempt`` s, capped at ``max_backoff``); then, like any other
+    HTTP error or a reply that is not a chat completion, it raises ``JudgeError``."""
+
+    RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
     def __init__(
         self,
@@ -140,14 +144,20 @@ class OpenAIJudge:
         api_key: str | None = None,
         timeout: float = 60.0,
         max_tokens: int = 200,
-        retries: int = 2,
+        retries: int = 4,
         backoff: float = 1.0,
+        max_backoff: float = 30.0,
         max_response_bytes: int = 1 << 20,
+        transport: Any = None,
     ) -> None:
+        import httpx
+
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.api_key, self.timeout = model, api_key, timeout
         self.max_tokens, self.retries, self.backoff = max_tokens, retries, backoff
-        self.max_response_bytes = max_response_bytes
+        self.max_backoff, self.max_response_bytes = max_backoff, max_response_bytes
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
 
     @classmethod
     def from_env(cls, **kwargs: Any) -> OpenAIJudge:
@@ -162,38 +172,44 @@ class OpenAIJudge:
             **kwargs,
         )
 
-    def _post(self, body: bytes) -> bytes:
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            payload = response.read(self.max_response_bytes + 1)
-        if len(payload) > self.max_response_bytes:
-            raise JudgeError(f"response from {self.url} exceeds {self.max_response_bytes} bytes")
+    def _post_once(self, body: dict[str, Any]) -> bytes:
+        """One request; raises ``_Retryable`` for what a retry may fix, else ``JudgeError``."""
+        import httpx
+
+        try:
+            with self._client.stream("POST", self.url, json=body) as response:
+                payload = b""
+                for chunk in response.iter_bytes():
+                    payload += chunk
+                    if len(payload) > self.max_response_bytes:
+                        raise JudgeError(
+                            f"response from {self.url} exceeds {self.max_response_bytes} bytes"
+                        )
+        except (httpx.TransportError, httpx.StreamError) as err:  # refused, reset, timeout
+            raise _Retryable(f"no reply from {self.url}: {type(err).__name__}: {err}") from err
+        if response.status_code >= 400:
+            detail = " ".join(payload[:300].decode(errors="replace").split())
+            message = f"HTTP {response.status_code} from {self.url}: {detail}"
+            if response.status_code in self.RETRY_STATUS:
+                raise _Retryable(message)
+            raise JudgeError(message)
         return payload
 
     def complete(self, messages: Messages) -> str:
-        body = json.dumps(
-            {
-                "model": self.model,
-                "messages": messages,
-                "temperature": 0.0,
-                "max_tokens": self.max_tokens,
-            }
-        ).encode()
+        body = {
+            "model": self.model,
+            "messages": messages,
+            "temperature": 0.0,
+            "max_tokens": self.max_tokens,
+        }
         for attempt in range(self.retries + 1):
             try:
-                payload = self._post(body)
+                payload = self._post_once(body)
                 break
-            except urllib.error.HTTPError as err:
-                detail = err.read(2000).decode(errors="replace")
-                if err.code not in self.RETRY_STATUS or attempt == self.retries:
-                    raise JudgeError(f"HTTP {err.code} from {self.url}: {detail}") from err
-            except (http.client.HTTPException, OSError) as err:  # URLError, timeouts, resets
+            except _Retryable as err:
                 if attempt == self.retries:
-                    raise JudgeError(f"no reply from {self.url}: {err}") from err
-            time.sleep(self.backoff * 2**attempt)
+                    raise JudgeError(f"{err} (gave up after {self.retries + 1} tries)") from None
+            time.sleep(min(self.backoff * 2**attempt, self.max_backoff))
         try:
             content = json.loads(payload)["choices"][0]["message"]["content"]
         except (ValueError, KeyError, IndexError, TypeError) as err:
@@ -201,6 +217,13 @@ class OpenAIJudge:
         if not isinstance(content, str):
             raise JudgeError(f"reply content from {self.url} is not text: {content!r}"[:300])
         return content
+
+    def close(self) -> None:
+        self._client.close()
+
+
+class _Retryable(Exception):
+    """A failure a later attempt may not repeat (connection, timeout, 429, 5xx)."""
 
 
 class TransformersJudge:
@@ -242,14 +265,19 @@ class JudgeReport:
 def judge_latents(
     backend: ChatBackend, contexts: Mapping[int, Sequence[str]], good: int = GOOD_RATING
 ) -> JudgeReport:
-    """Rate each latent; a backend failure on one latent is recorded, not raised."""
+    """Rate each latent. A backend failure (after the backend's own retries) raises
+    ``JudgeError``, as does a judge whose replies never contain a rating: a count of 0
+    rated latents would read as a result."""
     verdicts: dict[int, Verdict] = {}
     for latent, snippets in contexts.items():
-        try:
-            verdicts[latent] = parse_verdict(backend.complete(build_messages(snippets)))
-        except JudgeError as err:
-            verdicts[latent] = Verdict(None, "", "", str(err))
+        verdicts[latent] = parse_verdict(backend.complete(build_messages(snippets)))
     ratings = [v.rating for v in verdicts.values() if v.rating is not None]
+    if verdicts and not ratings:
+        first = " ".join(next(iter(verdicts.values())).raw.split())[:120]
+        raise JudgeError(
+            f"the judge answered {len(verdicts)} latents but no reply held a rating "
+            f"(first: {first!r})"
+        )
     return JudgeReport(
         verdicts,
         len(ratings),

@@ -20,6 +20,7 @@ import torch
 from pipeline.evaluation.concepts import TokenConcepts, row_classes, sequence_labels, token_classes
 from pipeline.evaluation.judge import (
     ChatBackend,
+    JudgeError,
     OpenAIJudge,
     TransformersJudge,
     judge_latents,
@@ -232,18 +233,32 @@ def judge_backend(kind: str) -> ChatBackend | None:
     raise ValueError(f"--judge must be purity, openai or transformers, not {kind!r}")
 
 
-def rate(details: list[LatentDetail], backend: ChatBackend | None, n_contexts: int) -> None:
-    """Fill ``rating``/``explanation`` from the judge (purity needs no call)."""
+def rate(
+    details: list[LatentDetail],
+    backend: ChatBackend | None,
+    n_contexts: int,
+    fallback: bool = False,
+) -> str | None:
+    """Fill ``rating``/``explanation`` from the judge (purity needs no call). A failing
+    judge raises ``JudgeError``; with ``fallback`` the purity proxy rates instead and the
+    reason is returned (None when the judge itself rated)."""
     if backend is None:
         for d in details:
             d.explanation = f"purity {d.purity:.2f} ({d.purity_class})"
-        return
+        return None
     contexts = {d.latent: [c.marked() for c in d.contexts[:n_contexts]] for d in details}
-    report = judge_latents(backend, contexts)
+    try:
+        report = judge_latents(backend, contexts)
+    except JudgeError as err:
+        if not fallback:
+            raise
+        rate(details, None, n_contexts)
+        return str(err)
     for d in details:
         verdict = report.verdicts[d.latent]
         d.rating = verdict.rating
         d.explanation = verdict.explanation or (verdict.error or "")
+    return None
 
 
 def logit_effects(

@@ -70,7 +70,7 @@ def summary_row(
     v, s = res.variant, res.sparsity
     alive = s.alive
     rated = [d.rating for d in details if d.rating is not None]
-    if judge == "purity":
+    if judge.startswith("purity"):  # the proxy, asked for or as the judge's fallback
         scored = [d.purity for d in details if np.isfinite(d.purity)]
         good, n_rated, mean = sum(p >= PURE for p in scored), len(scored), _finite_mean(scored)
     else:
