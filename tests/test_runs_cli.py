@@ -107,3 +107,22 @@ def test_states_running_incomplete_broken(tmp_path) -> None:
     assert find_run("bbb", tmp_path).name == "bbb222"
     with pytest.raises(ValueError, match="ambiguous"):
         find_run("x", tmp_path)  # two runs share the name
+
+
+def test_older_run_without_normalisation_file_exports_from_its_cache(
+    trained_runs: TrainedRuns, tmp_path
+) -> None:
+    import shutil
+
+    old_run = tmp_path / trained_runs.key / trained_runs.sae.name
+    shutil.copytree(trained_runs.sae, old_run)
+    (old_run / "final" / "normalisation.safetensors").unlink()
+    assert read_record(old_run / "final") is None
+    out = tmp_path / "out"
+    result = invoke("export", str(old_run), str(out), "--format", "saelens")
+    assert result.exit_code == 0, result.output
+    new = tmp_path / "new"
+    assert invoke("export", str(trained_runs.sae), str(new), "--format", "saelens").exit_code == 0
+    for folder in out.iterdir():
+        a = (folder / "sae_weights.safetensors").read_bytes()
+        assert a == (new / folder.name / "sae_weights.safetensors").read_bytes()
