@@ -17,6 +17,7 @@ Two modes with one contract (every selected token exactly once per epoch, order 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,15 +66,23 @@ class Normaliser:
 
 
 def validation_documents(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """Bool per document id: in the validation share. A fixed integer hash of the id (not
-    the store's order, not a seed), so every run of a cache holds out the same documents."""
+    """Bool per entry of ``doc_ids`` (a split's documents): held out for validation.
+
+    The ``ceil(fraction * n)`` documents with the smallest fixed integer hash of their id
+    (not the store's order, not a seed), at least one and never all when ``fraction > 0``,
+    so every run of a cache holds out the same documents, even in a tiny store."""
     if not 0 <= fraction < 1:
         raise ValueError(f"validation_fraction must be in [0, 1), not {fraction}")
+    held = np.zeros(doc_ids.size, dtype=bool)
+    n_held = min(doc_ids.size - 1, math.ceil(fraction * doc_ids.size)) if fraction > 0 else 0
+    if n_held <= 0:
+        return held
     mixed = (doc_ids.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
     mixed ^= mixed >> np.uint64(31)
     mixed *= np.uint64(0xBF58476D1CE4E5B9)
     mixed ^= mixed >> np.uint64(29)
-    return (mixed >> np.uint64(11)).astype(np.float64) / float(1 << 53) < fraction
+    held[np.argsort(mixed, kind="stable")[:n_held]] = True
+    return held
 
 
 def split_rows(
