@@ -40,7 +40,8 @@ class PlannedRun:
         return self.manifest.coder.get("k")
 
     def label(self) -> dict:
-        return {"variant": self.variant, "role": self.role, "seed": self.seed, "lr": self.lr}
+        lr = None if self.role == "control" else self.lr  # zero steps: no lr was used
+        return {"variant": self.variant, "role": self.role, "seed": self.seed, "lr": lr}
 
 
 def derive(manifest: CoderManifest, name: str, seed: int, source: str, **override) -> CoderManifest:

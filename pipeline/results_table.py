@@ -170,20 +170,23 @@ def mark_uninformative(rows: list[dict]) -> list[dict]:
     return rows
 
 
+BEST_LAYER = " (best layer)"
+
+
 def baseline_table(summary: dict, k: int) -> list[dict]:
-    """The raw-residual (and per-layer SAE best-layer) probing baselines: probe F1 only."""
-    return [
-        {
-            "variant": b["variant"],
-            "role": "baseline",
-            "kind": "baseline",
-            "seeds": None,
-            "probe_k": k,
-            "probe_f1": _probe_f1(b, k),
-            "not_informative": [],
-        }
-        for b in summary.get("baselines", [])
-    ]
+    """The raw-residual and per-layer SAE best-layer probing baselines (probe F1 only); a
+    per-layer SAE's best-layer rows are folded over seeds like its own rows."""
+    protocol = {row["variant"]: row.get("protocol") for row in summary["variants"]}
+    runs = []
+    for b in summary.get("baselines", []):
+        label, role = b["variant"], "baseline"
+        owner = protocol.get(label.removesuffix(BEST_LAYER)) if label.endswith(BEST_LAYER) else None
+        if owner:
+            untrained = " untrained" if owner["role"] == "control" else ""
+            label = f"{owner['variant']}{untrained}{BEST_LAYER}"
+        runs.append({"variant": label, "role": role, "kind": "baseline", "probe_k": k,
+                     "probe_f1": _probe_f1(b, k)})  # fmt: skip
+    return aggregate(runs)
 
 
 def protocol_table(summary: dict, k: int | None = None) -> list[dict]:
