@@ -242,3 +242,11 @@ def test_protocol_plans_every_run_and_counts_the_cost(tmp_path):
     line = cost_line("plan", sweep + runs)
     assert "10 runs (2 lr-sweep, 3 trained, 3 control, 2 sparsity)" in line
     assert "24 training steps" in line  # 2 x 2 + 3 x 4 + 3 x 0 + 2 x 4
+
+
+def test_logged_terms_convert_once_and_keep_plain_numbers():
+    from pipeline.coders.base import terms_to_floats
+
+    terms = {"fvu": torch.tensor(0.25), "lr": 1e-3, "l0": torch.tensor([4.0])}
+    assert terms_to_floats(terms) == {"fvu": 0.25, "lr": 1e-3, "l0": 4.0}
+    assert terms_to_floats({"lr": 0.5}) == {"lr": 0.5}

@@ -51,10 +51,14 @@ class LossOutput:
 
 
 def terms_to_floats(terms: dict[str, Tensor | float]) -> dict[str, float]:
-    """One device sync for all terms instead of one ``.item()`` each."""
-    tensors = [torch.as_tensor(t).detach().double().reshape(()).cpu() for t in terms.values()]
-    values = torch.stack(tensors).tolist() if tensors else []
-    return dict(zip(terms, values, strict=True))
+    """One device sync for all tensor terms (stacked where they live) instead of one
+    ``.item()`` each; plain numbers pass through."""
+    tensors = {k: t for k, t in terms.items() if isinstance(t, Tensor)}
+    synced = {}
+    if tensors:
+        stacked = torch.stack([t.detach().double().reshape(()) for t in tensors.values()])
+        synced = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {k: synced[k] if k in synced else float(v) for k, v in terms.items()}
 
 
 class Coder(nn.Module, ABC):
