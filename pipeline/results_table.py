@@ -226,6 +226,10 @@ def _cell(row: dict, key: str, digits: int = 3, fmt=None) -> str:
     return text
 
 
+def _lr(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
 def _count(row: dict, key: str) -> str:
     value = row.get(key)
     return "" if value is None else f"{value:,.0f}" if _finite(value) else "n/a"
@@ -249,7 +253,7 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         rated = r.get("judge_rated")
         coherent = f"{_cell(r, 'judge_good', 1)} / {_fmt(rated)}" if rated is not None else ""
         lines.append(
-            f"| {r['variant']} | {r['role']} | {_fmt(r.get('seeds'))} | {_fmt(r.get('lr'), 6)} "
+            f"| {r['variant']} | {r['role']} | {_fmt(r.get('seeds'))} | {_lr(r.get('lr'))} "
             f"| {_count(r, 'parameters')} | {_cell(r, 'l0', 1)} | {_cell(r, 'fvu')} "
             f"| {_fmt(r.get('floor_fvu'))} | {_cell(r, 'mse', 4)} "
             f"| {_cell(r, 'mse_change_vs_crosscoder', fmt=_pct)} | {_cell(r, 'probe_f1')} "

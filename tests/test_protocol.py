@@ -123,6 +123,7 @@ def test_val_fvu_is_logged_every_eval_every_and_dead_window_recorded(cache_root,
     assert [r["step"] for r in records if "fvu" in r] == [4, 5, 8, 9]
     resolved = json.loads((result.run_dir / "coder_manifest.json").read_text())["coder"]
     assert resolved["dead_after_tokens"] == resolve_dead_after_tokens(64 * 9, 64)
+    assert any(r["auxk"] > 0 for r in records if "auxk" in r)  # AuxK acts in a short run
 
 
 def test_zero_step_control_saves_the_initialised_coder(cache_root, tmp_path):
