@@ -117,9 +117,9 @@ class DistributedContext:
         share = (rows.stop - rows.start) / batch.shape[0]
         with _global_batch_state(coder, batch, rows, self.world):
             out = coder.training_loss(batch[rows], step, total_steps)
-        values = torch.tensor(list(out.terms.values()), dtype=torch.float64) * share
-        dist.all_reduce(values)
-        terms = dict(zip(out.terms, values.tolist(), strict=True))
+        values = torch.stack([t.double().reshape(()) for t in out.terms.values()]) * share
+        dist.all_reduce(values)  # stays on the device: floats only on the steps that log
+        terms = dict(zip(out.terms, values.unbind(), strict=True))
         return LossOutput(out.loss * share, terms, out.codes)
 
     def reduce_gradients(self, coder: SparseCoder) -> None:

@@ -24,6 +24,24 @@ class EvaluationSpec(Strict):
     splice: bool = Field(False, description="Spliced-in CE/KL score (runs the model).")
 
 
+class LrSweepSpec(Strict):
+    lrs: list[float] = Field(min_length=1, description="Learning rates tried per variant.")
+    tokens: int = Field(ge=1, description="Token budget of each sweep run (seed 0).")
+
+
+class SparsitySweepSpec(Strict):
+    k: list[int] = Field(
+        default_factory=list,
+        description="k values tried for every variant with a top-k activation (seed 0).",
+    )
+    per_variant: dict[str, list[int]] = Field(
+        default_factory=dict, description="Per-variant k lists (variant name: [k, ...])."
+    )
+
+    def ks(self, variant: str) -> list[int]:
+        return self.per_variant.get(variant, self.k)
+
+
 class ExperimentManifest(Strict):
     name: str = Field(description="Experiment name; results go to results/<name>/.")
     harvest: str = Field(description="Harvest manifest path, relative to this file.")
@@ -32,6 +50,20 @@ class ExperimentManifest(Strict):
     )
     variants: list[dict[str, Any]] = Field(description="Per-variant overrides (name required).")
     evaluation: EvaluationSpec = EvaluationSpec()
+    seeds: list[int] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        description="Every variant is trained once per seed (coder init and batch order).",
+    )
+    controls: bool = Field(
+        True, description="Evaluate an untrained (random-init) run of each variant per seed."
+    )
+    lr_sweep: LrSweepSpec | None = Field(
+        None, description="Per-variant learning rate, chosen by validation FVU on seed 0."
+    )
+    sparsity_sweep: SparsitySweepSpec | None = Field(
+        None, description="Extra seed-0 runs per k: an L0-FVU frontier per variant."
+    )
     results_dir: str | None = Field(None, description="Default: results/<name> beside the repo.")
 
     @model_validator(mode="after")
@@ -41,6 +73,11 @@ class ExperimentManifest(Strict):
             raise ValueError("every entry of variants needs a name")
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be distinct, got {names}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: must be distinct, got {self.seeds}")
+        unknown = set(self.sparsity_sweep.per_variant) - set(names) if self.sparsity_sweep else ()
+        if unknown:
+            raise ValueError(f"sparsity_sweep.per_variant: no variant named {sorted(unknown)}")
         return self
 
 

@@ -17,6 +17,7 @@ Two modes with one contract (every selected token exactly once per epoch, order 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,17 +65,50 @@ class Normaliser:
         return x + self.mean if self.centre else x
 
 
-def split_rows(store: ActivationStore, split: str) -> np.ndarray:
-    """Row indices of non-special tokens whose document is in ``split`` (train/test/all)."""
+def validation_documents(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
+    """Bool per entry of ``doc_ids`` (a split's documents): held out for validation.
+
+    The ``ceil(fraction * n)`` documents with the smallest fixed integer hash of their id
+    (not the store's order, not a seed), at least one and never all when ``fraction > 0``,
+    so every run of a cache holds out the same documents, even in a tiny store."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"validation_fraction must be in [0, 1), not {fraction}")
+    held = np.zeros(doc_ids.size, dtype=bool)
+    n_held = min(doc_ids.size - 1, math.ceil(fraction * doc_ids.size)) if fraction > 0 else 0
+    if n_held <= 0:
+        return held
+    mixed = (doc_ids.astype(np.uint64) + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(31)
+    mixed *= np.uint64(0xBF58476D1CE4E5B9)
+    mixed ^= mixed >> np.uint64(29)
+    held[np.argsort(mixed, kind="stable")[:n_held]] = True
+    return held
+
+
+def split_rows(
+    store: ActivationStore, split: str, *, validation_fraction: float = 0.0
+) -> np.ndarray:
+    """Row indices of non-special tokens whose document is in ``split``.
+
+    ``split`` is train, validation, test or all. ``validation`` is carved from the store's
+    train documents (``validation_fraction`` of them, by a hash of doc_id); ``train`` then
+    excludes them whenever the fraction is > 0. The test split is never touched."""
+    if split not in ("train", "validation", "test", "all"):
+        raise ValueError(f"split must be train, validation, test or all, not {split!r}")
     tokens = store.tokens(columns=["doc_id", "is_special"])
     doc_ids = tokens["doc_id"].to_numpy()
     keep = ~tokens["is_special"].to_numpy(zero_copy_only=False)
     if split != "all":
         documents = store.documents()
-        in_split = np.zeros(int(documents["doc_id"].to_numpy().max()) + 2, dtype=bool)
-        selected = documents["doc_id"].to_numpy()[
-            np.asarray(documents["split"].to_pylist()) == split
-        ]
+        ids = documents["doc_id"].to_numpy()
+        stored_split = np.asarray(documents["split"].to_pylist())
+        selected = ids[stored_split == ("test" if split == "test" else "train")]
+        if split != "test" and validation_fraction > 0:
+            held = validation_documents(selected, validation_fraction)
+            selected = selected[held] if split == "validation" else selected[~held]
+        elif split == "validation":
+            selected = selected[:0]
+        in_split = np.zeros(int(ids.max()) + 2, dtype=bool)
         in_split[selected] = True
         keep &= in_split[doc_ids]  # doc_id -1 (special) indexes the spare last slot: False
     return np.flatnonzero(keep)
@@ -95,13 +129,14 @@ class ActivationLoader:
         buffer_chunks: int = 4,
         workers: int = 2,
         resident_max_bytes: int = 8 << 30,
+        validation_fraction: float = 0.0,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
         self.layers = list(range(store.n_layers)) if layers is None else list(layers)
         self.seed = seed
         self.device = torch.device(device)
-        self.rows = split_rows(store, split)
+        self.rows = split_rows(store, split, validation_fraction=validation_fraction)
         if self.rows.size == 0:
             raise ValueError(f"split '{split}' of store {store.key} has no tokens")
         self.normaliser = Normaliser.from_store(store, self.layers, centre).to(self.device)

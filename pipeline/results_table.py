@@ -3,14 +3,36 @@
 Columns in the paper's terms: mean probing F1 (and its change vs the per-layer SAEs),
 reconstruction MSE (and its change vs the standard crosscoder), mean functional
 coherence N_eff (and decoder-side D_eff), and the judge's coherent-latent count.
+
+``paper_table`` gives one row per evaluated run; ``protocol_table`` folds the runs of an
+experiment's protocol (seeds, untrained controls) into one row per variant and role with
+mean and sd over seeds, marks a trained metric whose mean lies within the seed spread of
+its untrained control as not informative, and appends the raw-residual baseline.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import statistics
 
 PROBE_COLUMN = re.compile(r"^(token|sequence)_f1_k(\d+)$")
+
+# Metrics compared against the untrained control (structural ones, L0 of a top-k coder,
+# parameter and latent counts, are equal by construction and are not marked).
+CONTROLLED = (
+    "fvu",
+    "mse",
+    "mse_change_vs_crosscoder",
+    "probe_f1",
+    "probe_f1_points_vs_sae",
+    "fc_n_eff",
+    "decoder_d_eff",
+    "judge_good",
+    "dead_fraction",
+)
+NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
+NOT_INFORMATIVE = "†"
 
 
 def _probe_f1(row: dict, k: int) -> float:
@@ -24,7 +46,7 @@ def _probe_f1(row: dict, k: int) -> float:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, int | float) and math.isfinite(value)
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _change(value: float, reference: float | None) -> float:
@@ -40,29 +62,45 @@ def probe_ks(summary: dict) -> list[int]:
     return sorted(ks)
 
 
-def paper_table(summary: dict, k: int | None = None) -> list[dict]:
-    """One row per variant; ``k`` is the probing budget (default: the largest <= 10)."""
+def _default_k(summary: dict) -> int:
     ks = probe_ks(summary)
-    if k is None:
-        k = max([x for x in ks if x <= 10] or ks or [1])
+    return max([x for x in ks if x <= 10] or ks or [1])
+
+
+def _group(row: dict) -> tuple:
+    """Runs compared with each other: the same protocol role and seed (if annotated)."""
+    protocol = row.get("protocol") or {}
+    return protocol.get("role"), protocol.get("seed")
+
+
+def paper_table(summary: dict, k: int | None = None) -> list[dict]:
+    """One row per run; ``k`` is the probing budget (default: the largest <= 10). A run's
+    MSE and F1 changes are against the crosscoder / per-layer SAE of its own role and seed."""
+    k = _default_k(summary) if k is None else k
     rows = summary["variants"]
-    by_kind = {}
+    reference: dict[tuple, dict] = {}
     for row in rows:
-        by_kind.setdefault(row["kind"], row)
-    crosscoder = by_kind.get("crosscoder")
-    sae = by_kind.get("per_layer_sae")
-    sae_f1 = _probe_f1(sae, k) if sae else None
+        reference.setdefault((row["kind"], *_group(row)), row)
     table = []
     for row in rows:
+        crosscoder = reference.get(("crosscoder", *_group(row)))
+        sae = reference.get(("per_layer_sae", *_group(row)))
+        sae_f1 = _probe_f1(sae, k) if sae else None
         f1 = _probe_f1(row, k)
+        protocol = row.get("protocol") or {}
         table.append(
             {
-                "variant": row["variant"],
+                "variant": protocol.get("variant", row["variant"]),
+                "run": row["variant"],
+                "role": protocol.get("role", "trained"),
+                "seed": protocol.get("seed"),
+                "lr": protocol.get("lr"),
                 "kind": row["kind"],
                 "latents": row["n_latents"],
                 "parameters": row["parameters"],
                 "l0": row["l0"],
                 "fvu": row["fvu"],
+                "floor_fvu": row.get("floor_fvu"),
                 "mse": row["mse"],
                 "mse_change_vs_crosscoder": _change(row["mse"], crosscoder and crosscoder["mse"]),
                 "probe_k": k,
@@ -79,33 +117,177 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
     return table
 
 
+def _mean_sd(values: list) -> tuple[float, float] | None:
+    finite = [float(v) for v in values if _finite(v)]
+    if not finite:
+        return None
+    sd = statistics.stdev(finite) if len(finite) > 1 else 0.0
+    return statistics.fmean(finite), sd
+
+
+def aggregate(runs: list[dict]) -> list[dict]:
+    """One row per (variant, role): numeric columns become their mean over seeds, with the
+    sample sd beside them as ``<column>_sd``; ``seeds`` counts the runs folded."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in runs:
+        groups.setdefault((row["variant"], row["role"]), []).append(row)
+    out = []
+    for (variant, role), rows in groups.items():
+        first = rows[0]
+        merged: dict = {"variant": variant, "role": role, "seeds": len(rows)}
+        for key, value in first.items():
+            if key in merged or key in ("run", "seed"):
+                continue
+            numeric = [r.get(key) for r in rows]
+            if key not in NOT_AVERAGED and any(_finite(v) for v in numeric):
+                mean, sd = _mean_sd(numeric)
+                merged[key], merged[f"{key}_sd"] = mean, sd
+            elif key not in NOT_AVERAGED and all(isinstance(v, int | float) for v in numeric):
+                merged[key], merged[f"{key}_sd"] = math.nan, math.nan  # nan in every seed
+            else:
+                merged[key] = value
+        merged["not_informative"] = []
+        out.append(merged)
+    return out
+
+
+def mark_uninformative(rows: list[dict]) -> list[dict]:
+    """Mark a trained row's metric when |trained mean - control mean| <= the sum of their
+    seed sds (the mean ± sd intervals overlap): training did not move it measurably."""
+    controls = {r["variant"]: r for r in rows if r["role"] == "control"}
+    for row in rows:
+        control = controls.get(row["variant"])
+        if row["role"] != "trained" or control is None:
+            continue
+        row["not_informative"] = [
+            key
+            for key in CONTROLLED
+            if _finite(row.get(key))
+            and _finite(control.get(key))
+            and abs(row[key] - control[key])
+            <= (row.get(f"{key}_sd") or 0.0) + (control.get(f"{key}_sd") or 0.0)
+        ]
+    return rows
+
+
+BEST_LAYER = " (best layer)"
+
+
+def baseline_table(summary: dict, k: int) -> list[dict]:
+    """The raw-residual and per-layer SAE best-layer probing baselines (probe F1 only); a
+    per-layer SAE's best-layer rows are folded over seeds like its own rows."""
+    protocol = {row["variant"]: row.get("protocol") for row in summary["variants"]}
+    runs = []
+    for b in summary.get("baselines", []):
+        label, role = b["variant"], "baseline"
+        owner = protocol.get(label.removesuffix(BEST_LAYER)) if label.endswith(BEST_LAYER) else None
+        if owner:
+            untrained = " untrained" if owner["role"] == "control" else ""
+            label = f"{owner['variant']}{untrained}{BEST_LAYER}"
+        runs.append({"variant": label, "role": role, "kind": "baseline", "probe_k": k,
+                     "probe_f1": _probe_f1(b, k)})  # fmt: skip
+    return aggregate(runs)
+
+
+def protocol_table(summary: dict, k: int | None = None) -> list[dict]:
+    """Trained rows, then untrained controls, then baselines (see the module docstring)."""
+    k = _default_k(summary) if k is None else k
+    rows = mark_uninformative(aggregate(paper_table(summary, k)))
+    order = {"trained": 0, "control": 1}
+    rows.sort(key=lambda r: order.get(r["role"], 2))  # stable: variant order kept
+    return rows + baseline_table(summary, k)
+
+
 def _fmt(value: object, digits: int = 3) -> str:
+    if value is None:
+        return ""
     if isinstance(value, float):
         return "n/a" if not math.isfinite(value) else f"{value:.{digits}f}"
     return str(value)
 
 
-def _pct(value: float) -> str:
+def _pct(value: float | None) -> str:
+    if value is None:
+        return ""
     return "n/a" if not math.isfinite(value) else f"{100 * value:+.1f}%"
 
 
-def render_markdown(table: list[dict], summary: dict) -> str:
+def _cell(row: dict, key: str, digits: int = 3, fmt=None) -> str:
+    """``mean ± sd`` over seeds (just the mean for one seed), ``†`` when not informative."""
+    if key not in row:
+        return ""
+    show = fmt or (lambda v: _fmt(v, digits))
+    text = show(row[key])
+    sd = row.get(f"{key}_sd")
+    if (row.get("seeds") or 0) > 1 and _finite(sd) and _finite(row[key]):
+        text += f" ± {show(sd).lstrip('+')}"
+    if key in row.get("not_informative", ()):
+        text += f" {NOT_INFORMATIVE}"
+    return text
+
+
+def _lr(value: float | None) -> str:
+    return "" if value is None else f"{value:g}"
+
+
+def _count(row: dict, key: str) -> str:
+    value = row.get(key)
+    return "" if value is None else f"{value:,.0f}" if _finite(value) else "n/a"
+
+
+def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = None) -> str:
     k = table[0]["probe_k"] if table else 0
+    judge = next((r["judge"] for r in table if "judge" in r), "?")
+    seeds = max((r.get("seeds") or 0 for r in table), default=0)
     lines = [
         f"Held-out tokens: {summary.get('n_eval_tokens', '?')}; store {summary.get('store', '?')};"
         f" probing F1 = mean of token- and sequence-level mean F1 with k = {k} latents;"
-        f" judge: {table[0]['judge'] if table else '?'}.",
+        f" judge: {judge}; mean ± sd over {seeds} seed(s) per row.",
         "",
-        "| variant | kind | L0 | FVU | MSE | MSE vs crosscoder | probe F1 | vs SAE (pts) "
-        "| N_eff | D_eff | coherent / rated | dead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | role | seeds | lr | parameters | L0 | FVU | floor FVU | MSE "
+        "| MSE vs crosscoder | probe F1 | vs SAE (pts) | N_eff | D_eff | coherent / rated "
+        "| dead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
+        rated = r.get("judge_rated")
+        coherent = f"{_cell(r, 'judge_good', 1)} / {_fmt(rated)}" if rated is not None else ""
         lines.append(
-            f"| {r['variant']} | {r['kind']} | {_fmt(r['l0'], 1)} | {_fmt(r['fvu'])} "
-            f"| {_fmt(r['mse'], 4)} | {_pct(r['mse_change_vs_crosscoder'])} "
-            f"| {_fmt(r['probe_f1'])} | {_fmt(r['probe_f1_points_vs_sae'], 1)} "
-            f"| {_fmt(r['fc_n_eff'], 2)} | {_fmt(r['decoder_d_eff'], 2)} "
-            f"| {r['judge_good']} / {r['judge_rated']} | {_fmt(r['dead_fraction'], 3)} |"
+            f"| {r['variant']} | {r['role']} | {_fmt(r.get('seeds'))} | {_lr(r.get('lr'))} "
+            f"| {_count(r, 'parameters')} | {_cell(r, 'l0', 1)} | {_cell(r, 'fvu')} "
+            f"| {_fmt(r.get('floor_fvu'))} | {_cell(r, 'mse', 4)} "
+            f"| {_cell(r, 'mse_change_vs_crosscoder', fmt=_pct)} | {_cell(r, 'probe_f1')} "
+            f"| {_cell(r, 'probe_f1_points_vs_sae', 1)} | {_cell(r, 'fc_n_eff', 2)} "
+            f"| {_cell(r, 'decoder_d_eff', 2)} | {coherent} | {_cell(r, 'dead_fraction')} |"
         )
+    lines += [
+        "",
+        f"{NOT_INFORMATIVE} not informative: the trained mean lies within the seed spread of "
+        "the untrained (random-init) control of the same variant (|difference| <= sum of the "
+        "two sds). Controls have zero training steps and are evaluated exactly like the "
+        "trained runs; baseline rows are probes on raw features (probe F1 only).",
+    ]
+    if lr_sweep:
+        lines += ["", "Learning rate per variant (lowest validation FVU, seed 0):", ""]
+        lines += ["| variant | lr | validation FVU per lr |", "|---|---|---|"]
+        for variant, entry in lr_sweep.items():
+            points = ", ".join(f"{p['lr']:g}: {_fmt(p.get('val_fvu'))}" for p in entry["points"])
+            lines.append(f"| {variant} | {entry['chosen_lr']:g} | {points} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_frontier(frontier: dict[str, list[dict]]) -> str:
+    """The sparsity sweep's L0-FVU points per variant (validation split, seed 0)."""
+    lines = [
+        "",
+        "L0-FVU frontier (validation split, seed 0; one run per k):",
+        "",
+        "| variant | k | L0 | validation FVU |",
+        "|---|---|---|---|",
+    ]
+    for variant, points in frontier.items():
+        for p in points:
+            lines.append(
+                f"| {variant} | {p['k']} | {_fmt(p['val_l0'], 1)} | {_fmt(p['val_fvu'])} |"
+            )
     return "\n".join(lines) + "\n"

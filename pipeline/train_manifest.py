@@ -36,7 +36,12 @@ class CacheRef(Strict):
 
 
 class TrainingSpec(Strict):
-    tokens: int = Field(200_000, ge=1, description="Token budget (training steps x batch).")
+    tokens: int = Field(
+        200_000,
+        ge=0,
+        description="Token budget (training steps x batch); 0 saves the initialised coder "
+        "(an untrained control).",
+    )
     batch_size: int = Field(1024, ge=1, description="Tokens per step.")
     lr: float = Field(3e-4, gt=0, description="Adam learning rate.")
     beta1: float = Field(0.9, ge=0, lt=1, description="Adam beta1.")
@@ -54,6 +59,22 @@ class TrainingSpec(Strict):
     )
     checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints.")
     log_every: int = Field(20, ge=1, description="Steps between metric log lines.")
+    validation_fraction: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of the store's train documents held out as the validation split "
+        "(by a hash of doc_id); training never sees them. The test split is never used.",
+    )
+    eval_every: int = Field(
+        200,
+        ge=1,
+        description="Steps between held-out checks (val_fvu, val_l0 on validation rows; "
+        "also at the final step).",
+    )
+    validation_tokens: int = Field(
+        4096, ge=1, description="Validation rows decoded once for the held-out checks."
+    )
 
 
 class WandbSpec(Strict):

@@ -1,7 +1,11 @@
-"""Experiment stage: one harvest, every variant trained from it, one evaluation, one table.
+"""Experiment stage: one harvest, the protocol's runs trained from it, one evaluation, one
+table.
 
-Each step is skipped when its output exists (cache hit, finished run, evaluation of the
-same runs), so an interrupted experiment resumes where it stopped.
+The protocol (pipeline/protocol.py): a per-variant learning-rate sweep chosen on the
+validation split, every variant once per seed, an untrained control per seed, and a
+sparsity sweep for the L0-FVU frontier. Each step is skipped when its output exists
+(cache hit, finished run, evaluation of the same runs), so an interrupted experiment
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,10 +15,21 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.experiment_manifest import load_experiment, variant_manifests
+from pipeline.experiment_manifest import ExperimentManifest, load_experiment, variant_manifests
+from pipeline.frontier import plot_frontier, slug
 from pipeline.harvest_manifest import load_harvest_manifest
+from pipeline.manifest_io import ManifestError
 from pipeline.paths import ExperimentPaths, ReportPaths
-from pipeline.results_table import paper_table, render_markdown
+from pipeline.protocol import (
+    PlannedRun,
+    choose_lr,
+    cost_line,
+    final_validation,
+    lr_sweep_runs,
+    protocol_runs,
+)
+from pipeline.results_table import protocol_table, render_frontier, render_markdown
+from pipeline.store_format import atomic_write_json
 from stages import evaluate, harvest, train
 
 
@@ -32,6 +47,59 @@ def _evaluation_is_current(summary: Path, run_dirs: list[Path]) -> bool:
     return done == {str(p) for p in run_dirs}
 
 
+def _train(planned: list[PlannedRun], device: str | None) -> dict[int, Path]:
+    """Train (or skip, when finished) ``planned``; the run directory of each, by index."""
+    manifests = []
+    for p in planned:
+        m = p.manifest
+        if device:
+            m = m.model_copy(update={"run": m.run.model_copy(update={"device": device})})
+        manifests.append((m, p.base))
+    results = train.run(manifests)
+    by_name = {r.name: r.run_dir for r in results}
+    return {i: by_name[p.manifest.name] for i, p in enumerate(planned)}
+
+
+def _lr_sweep(
+    experiment: ExperimentManifest, planned: list[PlannedRun], device: str | None
+) -> dict[str, dict]:
+    """Per variant: every sweep point (lr, validation FVU and L0) and the chosen lr."""
+    if not planned:
+        return {}
+    if any(p.manifest.training.validation_fraction <= 0 for p in planned):
+        raise ManifestError("lr_sweep needs training.validation_fraction > 0 (a validation split)")
+    run_dirs = _train(planned, device)
+    out: dict[str, dict] = {}
+    for i, p in enumerate(planned):
+        val = final_validation(run_dirs[i]) or {}
+        point = {"lr": p.lr, "val_fvu": val.get("val_fvu"), "val_l0": val.get("val_l0")}
+        point |= {"tokens": p.manifest.training.tokens, "run_dir": str(run_dirs[i])}
+        out.setdefault(p.variant, {"points": []})["points"].append(point)
+    for entry in out.values():
+        entry["chosen_lr"] = choose_lr(entry["points"])
+        entry["chosen_by"] = "lowest val_fvu (validation split), seed 0"
+    return out
+
+
+def _frontier(planned: list[PlannedRun], run_dirs: dict[int, Path]) -> dict[str, list[dict]]:
+    """Per variant with a sparsity sweep: (k, val L0, val FVU) of its sweep runs and its
+    seed-0 trained run."""
+    swept = {p.variant for p in planned if p.role == "sparsity"}
+    lowest_seed = min((p.seed for p in planned if p.role == "trained"), default=0)
+    out: dict[str, list[dict]] = {}
+    for i, p in enumerate(planned):
+        if p.variant not in swept or not (
+            p.role == "sparsity" or (p.role == "trained" and p.seed == lowest_seed)
+        ):
+            continue
+        val = final_validation(run_dirs[i])
+        if val is not None:
+            out.setdefault(p.variant, []).append({"k": p.k, **val, "run_dir": str(run_dirs[i])})
+    for points in out.values():
+        points.sort(key=lambda q: q["k"])
+    return out
+
+
 def run(
     path: str | Path, results_root: Path | None = None, device: str | None = None
 ) -> ExperimentResult:
@@ -43,22 +111,25 @@ def run(
         harvest_spec = harvest_spec.model_copy(
             update={"run": harvest_spec.run.model_copy(update={"device": device})}
         )
-    harvest.run(harvest_spec, manifest_source=str(harvest_path))
-
     variants = variant_manifests(experiment, base, str(path))
-    if device:
-        variants = [
-            (m.model_copy(update={"run": m.run.model_copy(update={"device": device})}), b)
-            for m, b in variants
-        ]
-    trained = train.run(variants)
-    run_dirs = [r.run_dir for r in trained]
+    sweep = lr_sweep_runs(experiment, variants, str(path))
+    print(cost_line(experiment.name, sweep + protocol_runs(experiment, variants, str(path))))
+    harvest.run(harvest_spec, manifest_source=str(harvest_path))
 
     root = Path(results_root or experiment.results_dir or Path("results")) / experiment.name
     paths = ExperimentPaths(root)
     paths.root.mkdir(parents=True, exist_ok=True)
+    lr_sweep = _lr_sweep(experiment, sweep, device)
+    if lr_sweep:
+        atomic_write_json(root / "lr_sweep.json", lr_sweep)
+    chosen = {v: entry["chosen_lr"] for v, entry in lr_sweep.items()}
+    planned = protocol_runs(experiment, variants, str(path), chosen)
+    run_dirs = _train(planned, device)
+
+    evaluated = [i for i, p in enumerate(planned) if p.role in ("trained", "control")]
+    eval_dirs = [run_dirs[i] for i in evaluated]
     report = ReportPaths(paths.report)
-    if not _evaluation_is_current(report.summary, run_dirs):
+    if not _evaluation_is_current(report.summary, eval_dirs):
         options = evaluate.EvaluateOptions(
             judge=experiment.evaluation.judge,
             latents_sampled=experiment.evaluation.latents_sampled,
@@ -66,12 +137,22 @@ def run(
             splice=experiment.evaluation.splice,
             device=device or "auto",
         )
-        evaluate.run(run_dirs, paths.report, options)
+        evaluate.run(eval_dirs, paths.report, options)
 
     summary = json.loads(report.summary.read_text())
-    table = paper_table(summary)
+    labels = {str(run_dirs[i]): planned[i].label() for i in evaluated}
+    for row in summary["variants"]:
+        row["protocol"] = labels.get(row["run_dir"])
+    table = protocol_table(summary)
+    markdown = render_markdown(table, summary, lr_sweep)
+    frontier = _frontier(planned, run_dirs)
+    if frontier:
+        atomic_write_json(root / "frontier.json", frontier)
+        for variant, points in frontier.items():
+            plot_frontier(variant, points, root / f"frontier-{slug(variant)}.png")
+        markdown += render_frontier(frontier)
     paths.table_json.write_text(json.dumps(table, indent=2) + "\n")
-    paths.table_markdown.write_text(render_markdown(table, summary))
+    paths.table_markdown.write_text(markdown)
     shutil.copyfile(path, paths.experiment_manifest)
     shutil.copyfile(harvest_path, paths.harvest_manifest)
     return ExperimentResult(experiment.name, paths.root, table)

@@ -12,10 +12,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
 from pipeline.catalog import find_store, write_run_name
+from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
@@ -25,6 +27,7 @@ from pipeline.run_record import RunRecord
 from pipeline.store import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
+from pipeline.validation import held_out_terms, validation_sample
 
 
 @dataclass(frozen=True)
@@ -72,11 +75,13 @@ def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
 
 
 def _log(
-    run: CoderRun, terms: dict[str, float], tokens_per_second: float, writer, wandb_run=None
-) -> None:
+    run: CoderRun, terms: dict, tokens_per_second: float | None, writer, wandb_run=None
+) -> dict[str, float]:
+    """One metrics.jsonl line; the only place the step's device terms become floats."""
     record = {"step": run.step, "tokens": run.step * run.manifest.training.batch_size}
-    record.update({k: float(v) for k, v in terms.items()})
-    record["tokens_per_second"] = tokens_per_second
+    record.update(terms_to_floats(terms))
+    if tokens_per_second is not None:
+        record["tokens_per_second"] = tokens_per_second
     with run.paths.metrics.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
     if writer is not None:
@@ -85,6 +90,7 @@ def _log(
                 writer.add_scalar(key, value, run.step)
     if wandb_run is not None:
         wandb_run.log({k: v for k, v in record.items() if k != "step"}, step=run.step)
+    return record
 
 
 def _wandb(run: CoderRun):
@@ -120,8 +126,19 @@ def _tensorboard(run: CoderRun):
     return SummaryWriter(str(run.paths.tensorboard), purge_step=run.step or None)
 
 
-def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool) -> None:
-    """Step every unfinished run of the group on the same batch stream."""
+def _train_group(
+    runs: list[CoderRun],
+    loader: ActivationLoader,
+    progress: bool,
+    held_out: torch.Tensor | None = None,
+) -> None:
+    """Step every unfinished run of the group on the same batch stream; every
+    ``eval_every`` steps and at the end, add ``val_fvu``/``val_l0`` on ``held_out``."""
+    for run in runs:
+        if run.done and run.total_steps == 0:  # an untrained control: log its held-out
+            if run.is_main and held_out is not None:  # terms at step 0, then save it
+                _log(run, held_out_terms(run.coder, held_out), None, None)
+            run.save_final()
     active = [r for r in runs if not r.done]
     if not active:
         return
@@ -151,17 +168,22 @@ def _train_group(runs: list[CoderRun], loader: ActivationLoader, progress: bool)
                         continue
                     terms = run.train_step(batch)
                     spec = run.manifest.training
-                    if main and (run.step % spec.log_every == 0 or run.done):
+                    validate = held_out is not None and (
+                        run.step % spec.eval_every == 0 or run.done
+                    )
+                    if validate:
+                        terms.update(held_out_terms(run.coder, held_out))
+                    if main and (run.step % spec.log_every == 0 or validate or run.done):
                         now = time.perf_counter()
                         elapsed = max(now - run.log_time, 1e-9)
                         rate = (run.step - run.log_step) * spec.batch_size / elapsed
                         run.log_time, run.log_step = now, run.step
-                        _log(run, terms, rate, writers[id(run)], wandb_runs[id(run)])
+                        logged = _log(run, terms, rate, writers[id(run)], wandb_runs[id(run)])
                         if len(active) == 1 or run is active[0]:  # the bar shows one run
                             bar.set_postfix(
-                                loss=f"{terms['loss']:.4g}",
-                                fvu=f"{terms['fvu']:.3f}",
-                                l0=f"{terms['l0']:.1f}",
+                                loss=f"{logged['loss']:.4g}",
+                                fvu=f"{logged['fvu']:.3f}",
+                                l0=f"{logged['l0']:.1f}",
                                 refresh=False,
                             )
                     if run.step % spec.checkpoint_every == 0 and not run.done:
@@ -200,6 +222,10 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
         store = opened[where]
         layers = store_layers(manifest, store)
         config = check_coder_section(manifest, len(layers), store.d_model, manifest.name)
+        if config.dead_after_tokens is None:  # recorded resolved in run.json and coder.json
+            spec = manifest.training
+            window = resolve_dead_after_tokens(spec.tokens, spec.batch_size)
+            config = config.model_copy(update={"dead_after_tokens": window})
         paths = run_paths(manifest, store.key)
         if paths.final.is_dir():
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
@@ -208,7 +234,16 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
         if dist is not None:
             device = dist.device(device)
         spec = manifest.training
-        signature = (store.key, tuple(layers), spec.batch_size, spec.seed, spec.centre, str(device))
+        signature = (
+            store.key,
+            tuple(layers),
+            spec.batch_size,
+            spec.seed,
+            spec.centre,
+            spec.validation_fraction,
+            spec.validation_tokens,
+            str(device),
+        )
         coder_run = new_coder_run(manifest, config, paths, store.key, device, dist)
         coder_run.record = RunRecord.from_store(store, layers, spec.centre, manifest.name)
         if coder_run.is_main:
@@ -227,11 +262,20 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             device=signature[-1],
             centre=spec.centre,
             mode=manifest.run.loader_mode,
+            validation_fraction=spec.validation_fraction,
+        )
+        held_out = validation_sample(
+            store,
+            layers,
+            tokens=spec.validation_tokens,
+            fraction=spec.validation_fraction,
+            centre=spec.centre,
+            device=torch.device(signature[-1]),
         )
         if dist is not None:
             dist.check_batches(loader.n_tokens, spec.batch_size)
         try:
-            _train_group(runs, loader, manifest.run.progress)
+            _train_group(runs, loader, manifest.run.progress, held_out)
         finally:
             loader.close()
         results.extend(TrainResult(r.manifest.name, r.paths.root, r.step, False) for r in runs)

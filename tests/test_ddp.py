@@ -33,7 +33,13 @@ FMXCODER = {
 }
 # An odd batch size: the ranks' halves differ by a row (the loss weighting is exercised),
 # and the last batch of each epoch is a short one (556 train tokens = 5 x 101 + 51).
-TRAINING = {"tokens": 101 * 24, "batch_size": 101, "checkpoint_every": 10, "log_every": 4}
+TRAINING = {
+    "tokens": 101 * 24,
+    "batch_size": 101,
+    "checkpoint_every": 10,
+    "log_every": 4,
+    "validation_fraction": 0.0,
+}
 
 
 def manifests(store: Path, runs_root: Path) -> list[CoderManifest]:

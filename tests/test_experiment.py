@@ -21,28 +21,49 @@ def _isolated(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("FMX_RUNS_DIR", str(tmp_path / "runs"))
 
 
-def test_tiny_experiment_end_to_end_then_resumes_without_work(monkeypatch, tmp_path):
+def test_tiny_experiment_end_to_end_then_resumes_without_work(monkeypatch, tmp_path, capsys):
     _isolated(monkeypatch, tmp_path)
     manifest = REPO / "manifests" / "experiments" / "tiny.yaml"
     result = experiment.run(manifest, tmp_path / "results")
-    assert [row["variant"] for row in result.table] == ["per-layer-sae", "crosscoder", "fmxcoder"]
-    assert result.table[1]["mse_change_vs_crosscoder"] == 0.0
-    sae = result.table[0]
+    assert "22 runs (6 lr-sweep, 6 trained, 6 control, 4 sparsity)" in capsys.readouterr().out
+    trained = [row for row in result.table if row["role"] == "trained"]
+    controls = {row["variant"]: row for row in result.table if row["role"] == "control"}
+    assert [row["variant"] for row in trained] == ["per-layer-sae", "crosscoder", "fmxcoder"]
+    assert set(controls) == {"per-layer-sae", "crosscoder", "fmxcoder"}
+    assert "residual" in [row["variant"] for row in result.table if row["role"] == "baseline"]
+    sae, crosscoder = trained[0], trained[1]
+    assert crosscoder["mse_change_vs_crosscoder"] == 0.0
     assert sae["fc_n_eff"] == pytest.approx(1.0)
-    for name in ("table.md", "table.json", "experiment.yaml", "harvest.yaml", "report/index.html"):
+    assert all(row["seeds"] == 2 and "fvu_sd" in row for row in trained)
+    assert crosscoder["fvu"] < controls["crosscoder"]["fvu"]  # training did something
+    sweep = json.loads((result.results / "lr_sweep.json").read_text())
+    for variant, entry in sweep.items():
+        best = min(entry["points"], key=lambda p: p["val_fvu"])
+        assert entry["chosen_lr"] == best["lr"]
+        assert next(r for r in trained if r["variant"] == variant)["lr"] == best["lr"]
+    frontier = json.loads((result.results / "frontier.json").read_text())
+    assert [p["k"] for p in frontier["per-layer-sae"]] == [1, 2, 4]
+    names = ("table.md", "table.json", "experiment.yaml", "harvest.yaml", "report/index.html")
+    names += tuple(f"frontier-{v}.png" for v in ("per-layer-sae", "crosscoder", "fmxcoder"))
+    for name in names:
         assert (result.results / name).is_file(), name
+    assert "floor FVU" in (result.results / "table.md").read_text()
     summary = (result.results / "report" / "results.json").stat().st_mtime_ns
 
     import stages.evaluate
     import stages.harvest
+    import stages.train
 
     def forbidden(*args, **kwargs):
         raise AssertionError("a finished step ran again")
 
     monkeypatch.setattr(stages.harvest, "load_model", forbidden)
     monkeypatch.setattr(stages.evaluate, "run", forbidden)
+    monkeypatch.setattr(stages.train, "new_coder_run", forbidden)
     again = experiment.run(manifest, tmp_path / "results")
-    assert again.table == json.loads((result.results / "table.json").read_text())
+    assert again.table == json.loads(
+        (result.results / "table.json").read_text(), parse_constant=float
+    )
     assert (result.results / "report" / "results.json").stat().st_mtime_ns == summary
 
 
@@ -75,7 +96,11 @@ def test_smoke_experiment_on_the_real_model(monkeypatch, tmp_path):
     manifest = REPO / "manifests" / "experiments" / "smoke.yaml"
     result = experiment.run(manifest, tmp_path / "results")
     expected, _ = load_experiment(manifest)
-    assert [row["variant"] for row in result.table] == [v["name"] for v in expected.variants]
-    for row in result.table:
+    trained = [row for row in result.table if row["role"] == "trained"]
+    assert [row["variant"] for row in trained] == [v["name"] for v in expected.variants]
+    for row in trained:
         assert 0 < row["fvu"] < 1, row
         assert row["l0"] > 0, row
+    assert {row["variant"] for row in result.table if row["role"] == "control"} == {
+        v["name"] for v in expected.variants
+    }

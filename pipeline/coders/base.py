@@ -19,14 +19,46 @@ from torch import Tensor, nn
 from pipeline.coders.activations import ActivationKind, auxk_loss, build_activation, l1_penalty
 from pipeline.coders.factorized import WeightView
 
+# Dead-latent window when a run does not set one: at most 10M tokens, at least one batch,
+# else a tenth of the run, so AuxK acts in short runs too (resolve_dead_after_tokens).
+DEAD_AFTER_TOKENS_CAP = 10_000_000
+
+
+def resolve_dead_after_tokens(total_tokens: int, batch_size: int) -> int:
+    """The dead-latent window of a run of ``total_tokens`` (config value None)."""
+    return min(DEAD_AFTER_TOKENS_CAP, max(batch_size, total_tokens // 10))
+
+
+def layer_fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Mean over layers of per-layer FVU on ``[batch, L, d]``: residual energy over the
+    variance around each layer's batch mean (the definition ``evaluate`` reports)."""
+    err = (x - x_hat).pow(2).sum((0, 2))
+    var = (x - x.mean(0)).pow(2).sum((0, 2)).clamp_min(1e-12)
+    return (err / var).mean()
+
 
 @dataclass
 class LossOutput:
-    """A training loss and its named terms (detached floats) for logging."""
+    """A training loss and its named terms (detached 0-d tensors, still on the device: the
+    trainer converts them to floats only on the steps it logs)."""
 
     loss: Tensor
-    terms: dict[str, float] = field(default_factory=dict)
+    terms: dict[str, Tensor] = field(default_factory=dict)
     codes: Tensor | None = None  # f on the (possibly masked) input, for L0 / dead-latent tracking
+
+    def floats(self) -> dict[str, float]:
+        return terms_to_floats(self.terms)
+
+
+def terms_to_floats(terms: dict[str, Tensor | float]) -> dict[str, float]:
+    """One device sync for all tensor terms (stacked where they live) instead of one
+    ``.item()`` each; plain numbers pass through."""
+    tensors = {k: t for k, t in terms.items() if isinstance(t, Tensor)}
+    synced = {}
+    if tensors:
+        stacked = torch.stack([t.detach().double().reshape(()) for t in tensors.values()])
+        synced = dict(zip(tensors, stacked.tolist(), strict=True))
+    return {k: synced[k] if k in synced else float(v) for k, v in terms.items()}
 
 
 class Coder(nn.Module, ABC):
@@ -139,8 +171,11 @@ class CoderConfigBase(BaseModel):
         description="Dead latents used by AuxK per group; None: d_model // 2, capped at the "
         "latents per group.",
     )
-    dead_after_tokens: int = Field(
-        10_000_000, ge=1, description="A latent is dead after this many tokens without firing."
+    dead_after_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="A latent is dead after this many tokens without firing; None: resolved "
+        "at run start to min(10M, max(batch, run tokens // 10)) and recorded.",
     )
     init_decoder_norm: float = Field(
         0.1, gt=0, description="Initial norm of each latent's decoder row in each layer."
@@ -264,7 +299,8 @@ class SparseCoder(Coder):
 
     def dead_latents(self) -> Tensor:
         """``[n_latents]`` bool: no firing within the last ``dead_after_tokens`` tokens."""
-        return self.tokens_since_fired >= self.config.dead_after_tokens
+        window = self.config.dead_after_tokens or DEAD_AFTER_TOKENS_CAP
+        return self.tokens_since_fired >= window
 
     def sparsity_coefficient(self, step: int, total_steps: int) -> float:
         c = self.config
@@ -322,7 +358,6 @@ class SparseCoder(Coder):
         with torch.no_grad():
             self._track_firing(f)
             self.activation.observe(f)
-            var = (x - x.mean(0)).pow(2).sum().clamp_min(1e-12)
             terms = {
                 "loss": loss,
                 "recon": recon,
@@ -331,18 +366,13 @@ class SparseCoder(Coder):
                 "auxk": auxk,
                 "l0": (f > 0).sum(-1).float().mean(),
                 "mse": sq_err.mean(),
-                "fvu": sq_err.sum() / var,
+                "fvu": layer_fvu(x, x_hat),
                 "dead_fraction": dead.float().mean(),
                 "collapse": recon.new_zeros(()),
                 **{name: term for name, (_, term) in extra.items()},
             }
-        return LossOutput(loss=loss, terms=self._to_floats(terms), codes=f.detach())
-
-    @staticmethod
-    def _to_floats(terms: dict[str, Tensor]) -> dict[str, float]:
-        # One device sync for all terms instead of one .item() each.
-        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()]).tolist()
-        return dict(zip(terms, values, strict=True))
+        terms = {name: t.detach().float().reshape(()) for name, t in terms.items()}
+        return LossOutput(loss=loss, terms=terms, codes=f.detach())
 
     @torch.no_grad()
     def _track_firing(self, f: Tensor) -> None:
