@@ -152,3 +152,48 @@ def test_spectrum_reads_the_training_split_only(tiny_store: Path):
     assert n == split_rows(store, "train").size
     _, capped = sp.store_spectrum(store, layers, centre=True, max_tokens=100)
     assert capped == 100
+
+
+def _manifest(store: Path, runs: Path, name: str, coder: dict):
+    from pipeline.train_manifest import CoderManifest
+
+    return CoderManifest.model_validate(
+        {
+            "name": name,
+            "cache": {"key": store.name, "root": str(store.parent)},
+            "coder": {"n_latents": 32, "activation": "topk", "k": 4, **coder},
+            "training": {"tokens": 256, "batch_size": 128},
+            "run": {"runs_root": str(runs), "progress": False},
+        }
+    )
+
+
+def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monkeypatch, capsys):
+    from pipeline import paths
+    from pipeline.store import ActivationStore
+    from stages import train
+
+    monkeypatch.setattr(paths, "data_dir", lambda: tmp_path / "data")
+    store = ActivationStore(tiny_store)
+    layers = list(range(store.n_layers))
+    rows, _ = sp.store_spectrum(store, layers, centre=True)
+    assert rows[0].floor_fvu > sp.FLOOR_WARN_FVU  # rank 1 is floored on this cache
+    variants = {
+        "floored": {"kind": "fmxcoder", "rank": 1},
+        "full-rank": {"kind": "fmxcoder", "rank": store.n_layers},
+        "dense": {"kind": "crosscoder"},
+    }
+    manifests = [
+        (_manifest(tiny_store, tmp_path / "runs", n, c), tmp_path) for n, c in variants.items()
+    ]
+    train.run(manifests)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert lines == [
+        f"warning: floored: decoder shared_basis rank 1 confines reconstructions to a subspace "
+        f"with floor FVU {rows[0].floor_fvu:.3f} on this cache (pipeline spectrum {store.key})"
+    ]
+    # measured on a sample and cached outside the store, keyed by store, layers and centring
+    cached = paths.spectrum_cache_file(store.key, layers, True)
+    assert cached.is_file() and tmp_path / "data" in cached.parents
+    assert json.loads(cached.read_text())["shared_basis:1"] == pytest.approx(rows[0].floor_fvu)
+    assert not any("spectrum" in p.name for p in tiny_store.rglob("*"))
