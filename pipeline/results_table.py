@@ -1,7 +1,8 @@
 """The paper's comparison table, from an evaluation's ``results.json``.
 
 Columns in the paper's terms: mean probing F1 (and its change vs the per-layer SAEs),
-reconstruction MSE (and its change vs the standard crosscoder), mean functional
+reconstruction MSE (and its change vs the standard crosscoder), the floor FVU of a decoder
+confined to a fixed subspace (blank where there is none, see ``pipeline.spectrum``), mean functional
 coherence N_eff (and decoder-side D_eff), and the judge's coherent-latent count.
 """
 
@@ -63,6 +64,7 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "parameters": row["parameters"],
                 "l0": row["l0"],
                 "fvu": row["fvu"],
+                "floor_fvu": row.get("floor_fvu"),  # None: the decoder has no floor
                 "mse": row["mse"],
                 "mse_change_vs_crosscoder": _change(row["mse"], crosscoder and crosscoder["mse"]),
                 "probe_k": k,
@@ -85,6 +87,11 @@ def _fmt(value: object, digits: int = 3) -> str:
     return str(value)
 
 
+def _blank_if_none(value: float | None) -> str:
+    """The floor FVU column: blank for a decoder without a floor."""
+    return "" if value is None else _fmt(float(value))
+
+
 def _pct(value: float) -> str:
     return "n/a" if not math.isfinite(value) else f"{100 * value:+.1f}%"
 
@@ -96,14 +103,15 @@ def render_markdown(table: list[dict], summary: dict) -> str:
         f" probing F1 = mean of token- and sequence-level mean F1 with k = {k} latents;"
         f" judge: {table[0]['judge'] if table else '?'}.",
         "",
-        "| variant | kind | L0 | FVU | MSE | MSE vs crosscoder | probe F1 | vs SAE (pts) "
-        "| N_eff | D_eff | coherent / rated | dead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | kind | L0 | FVU | floor FVU | MSE | MSE vs crosscoder | probe F1 "
+        "| vs SAE (pts) | N_eff | D_eff | coherent / rated | dead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         lines.append(
             f"| {r['variant']} | {r['kind']} | {_fmt(r['l0'], 1)} | {_fmt(r['fvu'])} "
-            f"| {_fmt(r['mse'], 4)} | {_pct(r['mse_change_vs_crosscoder'])} "
+            f"| {_blank_if_none(r.get('floor_fvu'))} | {_fmt(r['mse'], 4)} "
+            f"| {_pct(r['mse_change_vs_crosscoder'])} "
             f"| {_fmt(r['probe_f1'])} | {_fmt(r['probe_f1_points_vs_sae'], 1)} "
             f"| {_fmt(r['fc_n_eff'], 2)} | {_fmt(r['decoder_d_eff'], 2)} "
             f"| {r['judge_good']} / {r['judge_rated']} | {_fmt(r['dead_fraction'], 3)} |"

@@ -197,3 +197,25 @@ def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monke
     assert cached.is_file() and tmp_path / "data" in cached.parents
     assert json.loads(cached.read_text())["shared_basis:1"] == pytest.approx(rows[0].floor_fvu)
     assert not any("spectrum" in p.name for p in tiny_store.rglob("*"))
+
+
+def test_results_table_has_a_floor_column_blank_without_a_floor():
+    from pipeline.results_table import paper_table, render_markdown
+
+    base = {"n_latents": 8, "parameters": 10, "l0": 4.0, "fvu": 0.3, "mse": 1.0, "fc": 2.0}
+    base |= {"d_eff": 2.0, "judge": "purity", "judge_good": 1, "judge_rated": 2}
+    base |= {"dead_fraction": 0.0, "token_f1_k5": 0.8}
+    summary = {
+        "variants": [
+            {**base, "variant": "cross", "kind": "crosscoder", "floor_fvu": None},
+            {**base, "variant": "fmx", "kind": "fmxcoder", "floor_fvu": 0.1123},
+            {**base, "variant": "old", "kind": "fmxcoder"},  # written before the column existed
+        ]
+    }
+    table = paper_table(summary)
+    assert [r["floor_fvu"] for r in table] == [None, 0.1123, None]
+    lines = render_markdown(table, summary).splitlines()
+    header = [c.strip() for c in lines[2].split("|")]
+    column = header.index("floor FVU")
+    cells = [[c.strip() for c in line.split("|")][column] for line in lines[4:]]
+    assert cells == ["", "0.112", ""]
