@@ -362,3 +362,34 @@ def test_cp_coder_trains_on_the_tiny_store(tiny_store):
         loader.close()
     assert len(losses) >= 10
     assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3
+
+
+def test_cp_coder_trains_and_evaluates_end_to_end(tiny_store, tmp_path, monkeypatch):
+    import json
+
+    from pipeline import paths
+    from pipeline.paths import ReportPaths
+    from pipeline.train_manifest import CoderManifest
+    from stages import evaluate, train
+
+    monkeypatch.setattr(paths, "data_dir", lambda: tmp_path / "data")  # the floor cache
+    coder = {"kind": "fmxcoder", "n_latents": 64, "activation": "topk", "k": 4, "rank": 32}
+    coder |= {"encoder_factorization": "cp", "decoder_factorization": "cp"}
+    manifest = CoderManifest.model_validate(
+        {
+            "name": "cp",
+            "cache": {"key": tiny_store.name, "root": str(tiny_store.parent)},
+            "coder": coder,
+            "training": {"tokens": 20 * 128, "batch_size": 128, "lr": 3e-3},
+            "run": {"runs_root": str(tmp_path / "runs"), "progress": False},
+        }
+    )
+    (result,) = train.run([(manifest, tmp_path)])
+    options = evaluate.EvaluateOptions(
+        latents_sampled=2, splice=False, masking_tokens=256, progress=False, device="cpu"
+    )
+    report = evaluate.run([result.run_dir], tmp_path / "report", options)
+    (row,) = json.loads(ReportPaths(report).summary.read_text())["variants"]
+    assert row["kind"] == "fmxcoder" and row["parameters"] == 2 * 32 * (64 + 4 + 64) + 64 + 4 * 64
+    # cp's floor is a lower bound for any cp decoder of that rank, on the same tokens
+    assert 0 < row["floor_fvu"] <= row["fvu"] < 1
