@@ -140,6 +140,11 @@ def test_cli_spectrum_on_the_tiny_store(tiny_store: Path):
     assert "layers 2" in sub.output and sub.output.strip().splitlines()[-1].split()[0] == "2"
     bad = runner.invoke(main, ["spectrum", key, "--cache-root", root, "--layers", "0,99"])
     assert bad.exit_code != 0 and "layers: [99] out of range" in bad.output
+    # the harvest manifest that made the store names the same cache
+    manifest = Path(__file__).resolve().parents[1] / "manifests/harvest/tiny-random.yaml"
+    by_manifest = runner.invoke(main, ["spectrum", str(manifest), "--cache-root", root, "--json"])
+    assert by_manifest.exit_code == 0, by_manifest.output
+    assert json.loads(by_manifest.output) == rows
 
 
 def test_spectrum_reads_the_training_split_only(tiny_store: Path):
