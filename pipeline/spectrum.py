@@ -49,11 +49,14 @@ class SpectrumRow:
     floor_fvu: float  # best mean-over-layers FVU of a rank-`rank` shared layer basis
 
 
+FloorKind = Literal["shared_basis", "cp"]
+
+
 @dataclass(frozen=True)
 class DecoderFloor:
     """A decoder that confines reconstructions to a fixed subspace: which kind, what rank."""
 
-    kind: Literal["shared_basis", "cp"]
+    kind: FloorKind
     rank: int
 
 
@@ -217,24 +220,6 @@ def store_spectrum(
     return layer_spectrum(acc), acc.n
 
 
-def store_floor_fvu(
-    store: ActivationStore,
-    layers: list[int],
-    centre: bool,
-    floor: DecoderFloor,
-    max_tokens: int | None = None,
-) -> float | None:
-    """One decoder's floor FVU on a training-split sample (None: cp too big to measure)."""
-    acc = accumulator_for(floor, len(layers), store.d_model)
-    if acc is None:
-        return None
-    if max_tokens is None:
-        max_tokens = CP_SAMPLE_TOKENS if floor.kind == "cp" else WARN_SAMPLE_TOKENS
-    for x in training_batches(store, layers, centre, max_tokens):
-        acc.update(x)
-    return floor_fvu(acc, floor)
-
-
 def store_cp_floors(
     store: ActivationStore,
     layers: list[int],
@@ -255,23 +240,43 @@ def store_cp_floors(
     return {r: float(curve[r - 1]) if r <= len(curve) else 0.0 for r in ranks}, acc.n
 
 
+def sample_floor_curve(
+    store: ActivationStore, layers: list[int], centre: bool, kind: FloorKind
+) -> list[float] | None:
+    """Floor FVU at every rank (``[R-1]``) of a ``shared_basis`` or ``cp`` decoder, on the
+    default training-split sample (None: cp too big to measure); 6 decimals."""
+    acc = accumulator_for(DecoderFloor(kind, 1), len(layers), store.d_model)
+    if acc is None:
+        return None
+    max_tokens = CP_SAMPLE_TOKENS if kind == "cp" else WARN_SAMPLE_TOKENS
+    for x in training_batches(store, layers, centre, max_tokens):
+        acc.update(x)
+    curve = floor_curve(acc.standardised_eigenvalues(), len(layers))
+    if kind == "shared_basis":
+        curve[-1] = 0.0
+    return [round(float(v), 6) for v in curve]
+
+
 def cached_floor_fvu(
     store: ActivationStore, layers: list[int], centre: bool, floor: DecoderFloor
 ) -> float | None:
-    """``store_floor_fvu`` on the default sample, cached as JSON under the data dir (never
-    in the store), keyed by store key, layers and centring."""
+    """A decoder's floor FVU from ``sample_floor_curve``, measured once per store, layers,
+    centring and kind, and cached as JSON under the data dir (never in the store): every
+    rank of that kind is then a lookup."""
     from pipeline.paths import spectrum_cache_file
 
     path = spectrum_cache_file(store.key, layers, centre)
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-    name = f"{floor.kind}:{floor.rank}"
-    if name not in cached:
-        cached[name] = store_floor_fvu(store, layers, centre, floor)
+    if floor.kind not in cached:
+        cached[floor.kind] = sample_floor_curve(store, layers, centre, floor.kind)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        tmp.write_text(json.dumps(cached, sort_keys=True))
         tmp.replace(path)
-    return cached[name]
+    curve = cached[floor.kind]
+    if curve is None:
+        return None
+    return float(curve[floor.rank - 1]) if floor.rank <= len(curve) else 0.0
 
 
 def train_warning(
