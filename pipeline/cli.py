@@ -471,5 +471,99 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
         click.echo(str(path))
 
 
+def _open_spectrum_cache(cache: str, cache_root: Path | None):
+    """A store from a key, a key prefix, or a harvest manifest's path."""
+    from pipeline.catalog import find_store
+
+    path = Path(cache)
+    if path.is_file():
+        from pipeline.cache_key import cache_key
+        from pipeline.harvest_manifest import load_harvest_manifest
+
+        harvest = load_harvest_manifest(path)
+        if cache_root is None and harvest.run.cache_root:
+            cache_root = Path(harvest.run.cache_root)
+        return find_store(cache_key(harvest), cache_root)
+    return find_store(cache, cache_root)
+
+
+def _parse_ints(text: str, option: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        message = f"{text!r}: expected integers like 0,3,5"
+        raise click.BadParameter(message, param_hint=option) from None
+
+
+@main.command()
+@click.argument("cache")
+@cache_root_option
+@click.option("--layers", default="all", help="Hook indices: 'all' or a list like 0,3,5.")
+@click.option("--centre/--no-centre", default=True, help="Centre each layer (as training).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Cap the tokens.")
+@click.option(
+    "--cp-ranks",
+    default=None,
+    help="Also print the cp floor at these ranks (e.g. 256,1024,2560), on a token sample.",
+)
+@click.option(
+    "--cp-tokens",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Tokens in the cp sample (default: pipeline.spectrum.CP_SAMPLE_TOKENS).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@user_errors
+def spectrum(
+    cache: str,
+    cache_root: Path | None,
+    layers: str,
+    centre: bool,
+    max_tokens: int | None,
+    cp_ranks: str | None,
+    cp_tokens: int | None,
+    as_json: bool,
+) -> None:
+    """Floor FVU of a rank-R shared layer basis, R = 1..L, on the training split.
+
+    CACHE is a cache key, a key prefix, or a harvest manifest. The floor is the best FVU
+    (mean over layers, as `evaluate`) any decoder whose layer axis lies in a fixed R-dim
+    span can reach: `shared_basis` at rank R. Reads the split once, chunk by chunk.
+
+    \b
+    Example:
+      pipeline spectrum manifests/harvest/smollm2-wiki-cpu-large.yaml --layers all
+      pipeline spectrum 8cdf9041 --cp-ranks 256,1024,2560 --json
+    """
+    from pipeline import spectrum as sp
+
+    store = _open_spectrum_cache(cache, cache_root)
+    chosen = sp.store_layers(store, "all" if layers == "all" else _parse_ints(layers, "--layers"))
+    rows, n_tokens = sp.store_spectrum(store, chosen, centre, max_tokens)
+    cp = None
+    if cp_ranks:
+        ranks = _parse_ints(cp_ranks, "--cp-ranks")
+        cp, cp_n = sp.store_cp_floors(
+            store, chosen, centre, ranks, cp_tokens or sp.CP_SAMPLE_TOKENS
+        )
+    if as_json:
+        table = [{"rank": r.rank, "share": r.share, "floor_fvu": r.floor_fvu} for r in rows]
+        if cp is None:
+            click.echo(json.dumps(table, indent=1))
+        else:
+            cp_rows = [{"rank": k, "floor_fvu": v, "tokens": cp_n} for k, v in cp.items()]
+            click.echo(json.dumps({"layer": table, "cp": cp_rows}, indent=1))
+        return
+    click.echo(f"cache {store.key}  layers {len(chosen)}  tokens {n_tokens:,}  centre {centre}")
+    click.echo(f"{'rank':>6}{'share':>10}{'floor FVU':>12}")
+    for r in rows:
+        click.echo(f"{r.rank:>6}{r.share:>10.4f}{r.floor_fvu:>12.4f}")
+    if cp is not None:
+        click.echo(f"\ncp floor (sample of {cp_n:,} tokens, a lower bound)")
+        click.echo(f"{'rank':>6}{'floor FVU':>12}")
+        for rank, value in cp.items():
+            click.echo(f"{rank:>6}{value:>12.4f}")
+
+
 if __name__ == "__main__":
     main()

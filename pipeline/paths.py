@@ -11,10 +11,12 @@ Layout::
       runs/<key>/<coder-hash>/          a training run (RunPaths)
       runs/<key>/<coder-hash>/evaluation/   that run's latest evaluation (EvaluationPaths)
       reports/<key>-<digest>/           a side-by-side evaluation report (ReportPaths)
+      spectrum/<key>-<layers>-<c|u>.json  cached decoder floor FVUs (pipeline/spectrum.py)
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +44,14 @@ def default_runs_root() -> Path:
 
 def default_reports_root() -> Path:
     return Path(os.environ.get("FMX_REPORTS_DIR", data_dir() / "reports"))
+
+
+def spectrum_cache_file(key: str, layers: list[int], centre: bool) -> Path:
+    """Cached floor FVUs of one store, layer selection and centring (outside the store)."""
+    tag = "-".join(map(str, layers))
+    if len(tag) > 40:
+        tag = hashlib.sha256(tag.encode()).hexdigest()[:16]
+    return data_dir() / "spectrum" / f"{key}-{tag}-{'c' if centre else 'u'}.json"
 
 
 def store_dir(cache_root: Path, key: str) -> Path:

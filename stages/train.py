@@ -7,6 +7,7 @@ the store once. Each run resumes from its last checkpoint; a finished run is ski
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
+from pipeline.spectrum import train_warning
 from pipeline.store import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
@@ -230,6 +232,10 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
         if paths.final.is_dir():
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
+        if dist is None or dist.is_main:
+            line = train_warning(manifest.name, config, store, layers, manifest.training.centre)
+            if line:
+                print(line, file=sys.stderr, flush=True)
         device = resolve_device(manifest.run.device)
         if dist is not None:
             device = dist.device(device)

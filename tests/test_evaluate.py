@@ -247,3 +247,21 @@ def test_openai_judge_ratings_reach_the_results(runs, tmp_path, monkeypatch) -> 
     assert len(_Judge.prompts) == 2 and all("<<" in p for p in _Judge.prompts)
     sampled = pq.read_table(ReportPaths(report).table("sampled")).to_pylist()
     assert [s["explanation"] for s in sampled] == ["dates", "dates"]
+
+
+def test_floor_fvu_only_for_a_floored_decoder(report: Path, runs: list[Path]) -> None:
+    from pipeline import spectrum as sp
+    from pipeline.store import ActivationStore
+
+    summary = json.loads(ReportPaths(report).summary.read_text())
+    rows = {row["variant"]: row for row in summary["variants"]}
+    assert rows["sae"]["floor_fvu"] is None and rows['cross<coder>&"x"']["floor_fvu"] is None
+    # fmxcoder: shared_basis rank 2 of 4 layers; its floor on the same held-out tokens
+    floor = rows["fmxcoder"]["floor_fvu"]
+    assert 0 < floor < rows["fmxcoder"]["fvu"]
+    store = ActivationStore(runs[0].parents[2] / "cache" / summary["store"])  # root/runs/key/hash
+    acc = sp.MomentAccumulator()
+    for x in sp.training_batches(store, [0, 1, 2, 3], True, split="test"):
+        acc.update(x)
+    assert acc.n == rows["fmxcoder"]["n_tokens"]
+    assert floor == pytest.approx(sp.layer_spectrum(acc)[1].floor_fvu, rel=1e-6)

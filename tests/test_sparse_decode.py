@@ -12,6 +12,7 @@ from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.coders import factorized as fz
 from pipeline.coders.factorized import (
     SPARSE_DECODE_MAX_DENSITY,
+    CPView,
     DenseView,
     SharedBasisView,
     build_weight,
@@ -19,7 +20,7 @@ from pipeline.coders.factorized import (
 )
 
 M, L, D, R = 128, 5, 8, 2  # SPARSE_DECODE_MAX_DENSITY * M = 8 nonzeros per row at most
-KINDS = ["dense", "shared_basis", "per_latent"]
+KINDS = ["dense", "shared_basis", "per_latent", "cp"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -72,11 +73,11 @@ def test_sparse_decode_equals_dense_reference(kind, max_active, monkeypatch):
     f = _codes(COUNTS)
     ref_out, ref_grads, ref_fgrad = _decode_grads(kind, f, sparse=False)
     # the fast path must really run: the reference decode is off limits from here on
-    for view in (DenseView, SharedBasisView):
+    for view in (DenseView, SharedBasisView, CPView):
         monkeypatch.setattr(view, "decode", _forbidden("dense decode"))
     out, grads, fgrad = _decode_grads(kind, f, sparse=True, max_active=max_active)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
-    assert set(grads) == set(ref_grads) and len(grads) == (1 if kind == "dense" else 2)
+    assert set(grads) == set(ref_grads) and len(grads) == {"dense": 1, "cp": 3}.get(kind, 2)
     for name, grad in grads.items():
         assert grad is not None, name
         torch.testing.assert_close(grad, ref_grads[name], rtol=1e-5, atol=1e-6)
@@ -137,6 +138,13 @@ CODERS = {
         "encoder_factorization": "per_latent",
         "decoder_factorization": "per_latent",
     },
+    "fmx-cp": {
+        "kind": "fmxcoder",
+        "rank": 12,
+        "encoder_factorization": "cp",
+        "decoder_factorization": "cp",
+        "masking_probability": 0.5,
+    },
 }
 
 
@@ -171,7 +179,7 @@ def test_training_step_matches_dense_reference(name, activation, monkeypatch):
     monkeypatch.undo()
     # BatchTopK rows hold up to a few times k nonzeros here: let every row qualify
     monkeypatch.setattr(fz, "SPARSE_DECODE_MAX_DENSITY", 0.25)
-    for view in (DenseView, SharedBasisView):  # and no dense decode: the fast path must run
+    for view in (DenseView, SharedBasisView, CPView):  # and no dense decode: the fast path must run
         monkeypatch.setattr(view, "decode", _forbidden("dense decode"))
     losses, grads = _step_grads(_coder(name, activation, **over), x)
     assert losses == pytest.approx(ref_losses, rel=1e-5)

@@ -7,6 +7,18 @@
   and FLOPs shrink by ``R / L``.
 - ``per_latent``: ``W[i, l] = sum_r A[i, l, r] B[i, r]``; materialised once per ``view()``
   (i.e. once per step) and then used with the dense kernels (sparse decode included).
+- ``cp`` (CP / PARAFAC): ``W[i, l, :] = sum_r A[i, r] B[l, r] C[r, :]``: every latent mixes
+  ``R`` rank-1 cross-layer atoms ``B[:, r] (x) C[r, :]`` shared by all latents. ``R`` may
+  exceed ``L``; reconstructions lie in the ``R``-dim span of the atoms in ``R^(L*d)``, so
+  ``R`` must be large (see ``pipeline.spectrum.cp_floor_fvu``). The fast path never builds
+  ``W``: encode projects onto the atoms (``[B, L, d] @ C^T``, weighted by ``B``, summed over
+  layers) and then through ``A``; decode goes ``f @ A -> [B, R]``, times ``B``, ``@ C``.
+
+``shared_basis`` with ``R < L`` and ``cp`` with ``R < L*d`` confine reconstructions to a fixed
+subspace and so have a floor FVU (``pipeline.spectrum``); ``dense`` and ``per_latent`` do not.
+A further reading, per-latent layer profiles mixed from a shared set of ``S`` layer profiles,
+is left out on purpose: its layer axis lies in the span of those ``S`` profiles, so it has the
+same floor as ``shared_basis`` at rank ``S`` and adds nothing the two above do not measure.
 
 A module's ``view()`` gives a ``WeightView`` that encodes, decodes and measures per-layer
 norms. Encoder and decoder are separate modules, so they are factorised independently.
@@ -31,13 +43,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-Factorization = Literal["dense", "shared_basis", "per_latent"]
+Factorization = Literal["dense", "shared_basis", "per_latent", "cp"]
 Role = Literal["encoder", "decoder"]
 
 # decode_sparse gathers rows of W when no code row has more than this fraction of m nonzeros.
 # Decode forward + backward on CPU (B=512, L*d=5760, m=1024/4096): sparse 1.4-1.5x faster at
 # 1/16, 0.7-1.0x at 1/8, so the dense matmul wins beyond about 1/10.
 SPARSE_DECODE_MAX_DENSITY = 1 / 16
+
+# CP-ALS sweeps in CPWeight.load_dense_ (init_tied_ uses it when only one side is cp).
+CP_ALS_SWEEPS = 20
 
 
 def sparse_support(f: Tensor, max_active: int | None = None) -> tuple[Tensor, Tensor] | None:
@@ -158,6 +173,42 @@ class SharedBasisView(WeightView):
 
     def expand(self) -> Tensor:
         return torch.einsum("lr,ird->ild", self.g, self.v)
+
+
+class CPView(WeightView):
+    def __init__(self, a: Tensor, b: Tensor, c: Tensor) -> None:
+        self.a, self.b, self.c = a, b, c  # [m, R], [L, R], [R, d]
+
+    def encode(self, x: Tensor) -> Tensor:
+        z = torch.einsum("blr,lr->br", x @ self.c.T, self.b)  # atom coefficients, [B, R]
+        return z @ self.a.T
+
+    def _from_atoms(self, y: Tensor) -> Tensor:
+        """``[B, R]`` atom coefficients to ``[B, L, d]``."""
+        return (y[:, None, :] * self.b) @ self.c
+
+    def decode(self, f: Tensor) -> Tensor:
+        return self._from_atoms(f @ self.a)
+
+    def decode_sparse(self, f: Tensor, max_active: int | None = None) -> Tensor:
+        y = sparse_matmul(f, self.a, max_active)
+        return self.decode(f) if y is None else self._from_atoms(y)
+
+    def layer_norms(self) -> Tensor:
+        rank, d = self.c.shape
+        if rank <= d:
+            # ||(A_i * B_l) C||^2 = (A_i * B_l)^T K (A_i * B_l), K = C C^T: m L R^2, not m L R d
+            k = self.c @ self.c.T
+            sq = torch.einsum("ir,lr,rs,ls,is->il", self.a, self.b, k, self.b, self.a)
+            return sq.clamp_min(1e-20).sqrt()
+        # R > d: one layer at a time, [m, R] @ [R, d], never the whole [m, L, d] at once
+        return torch.stack([((self.a * bl) @ self.c).norm(dim=-1) for bl in self.b], dim=1)
+
+    def expand_latents(self, latents: Tensor) -> Tensor:
+        return torch.einsum("kr,lr,rd->kld", self.a[latents], self.b, self.c)
+
+    def expand(self) -> Tensor:
+        return torch.einsum("ir,lr,rd->ild", self.a, self.b, self.c)
 
 
 class LayerWeight(nn.Module, ABC):
@@ -283,6 +334,86 @@ class PerLatentWeight(LayerWeight):
         return self.b.data
 
 
+class CPWeight(LayerWeight):
+    kind = "cp"
+
+    def __init__(self, n_latents: int, n_layers: int, d_model: int, role: Role, rank: int):
+        super().__init__(n_latents, n_layers, d_model, role)
+        self.rank = rank
+        self.a = nn.Parameter(torch.empty(n_latents, rank))
+        self.b = nn.Parameter(torch.empty(n_layers, rank))
+        self.c = nn.Parameter(torch.empty(rank, d_model))
+
+    def view(self) -> WeightView:
+        return CPView(self.a, self.b, self.c)
+
+    @torch.no_grad()
+    def init_random_(self, generator: torch.Generator) -> None:
+        # unit atoms (B[:, r] (x) C[r] has norm 1); each latent a random mix of them
+        b = torch.randn(self.b.shape, generator=generator)
+        c = torch.randn(self.c.shape, generator=generator)
+        self.b.copy_(b / b.norm(dim=0, keepdim=True))
+        self.c.copy_(c / c.norm(dim=1, keepdim=True))
+        self.a.copy_(torch.randn(self.a.shape, generator=generator) / self.rank**0.5)
+
+    @torch.no_grad()
+    def load_dense_(self, w: Tensor, sweeps: int = CP_ALS_SWEEPS) -> None:
+        """Fit by alternating least squares (CP-ALS), ``sweeps`` rounds of exact
+        least-squares updates of A, then B, then C given the other two.
+
+        Start: B and C from the leading eigenvectors of the layer and d-mode unfoldings
+        (random unit columns beyond their rank), A by least squares. Each update cannot
+        increase the error, so the fit is at least as good as that start; it is a local
+        optimum, not the global best rank-R fit (which is NP-hard in general).
+        """
+        wd = w.double()
+        gen = torch.Generator().manual_seed(0)
+        b = _leading_directions(wd.permute(1, 0, 2).reshape(self.n_layers, -1), self.rank, gen)
+        c = _leading_directions(wd.permute(2, 0, 1).reshape(self.d_model, -1), self.rank, gen).T
+        a = _cp_update(torch.einsum("ild,lr,rd->ir", wd, b, c), b.T @ b, c @ c.T)
+        for _ in range(sweeps):
+            b = _cp_update(torch.einsum("ild,ir,rd->lr", wd, a, c), a.T @ a, c @ c.T)
+            c = _cp_update(torch.einsum("ild,ir,lr->dr", wd, a, b), a.T @ a, b.T @ b).T
+            a = _cp_update(torch.einsum("ild,lr,rd->ir", wd, b, c), b.T @ b, c @ c.T)
+        for param, value in ((self.a, a), (self.b, b), (self.c, c)):
+            param.copy_(value.to(param.dtype))
+
+    def _latent_scaled(self) -> Tensor:
+        return self.a.data
+
+
+def _leading_directions(unfold: Tensor, rank: int, generator: torch.Generator) -> Tensor:
+    """``[n, rank]``: the top eigenvectors of ``unfold @ unfold.T``; random unit columns past
+    ``n`` (CP ranks may exceed a mode's size)."""
+    _, vecs = torch.linalg.eigh(unfold @ unfold.T)
+    top = vecs.flip(-1)[:, :rank]
+    extra = torch.randn(unfold.shape[0], rank - top.shape[1], generator=generator, dtype=top.dtype)
+    return torch.cat([top, extra / extra.norm(dim=0, keepdim=True)], dim=1)
+
+
+def _cp_update(mttkrp: Tensor, gram1: Tensor, gram2: Tensor) -> Tensor:
+    """One CP-ALS least-squares update: ``mttkrp @ pinv(gram1 * gram2)``."""
+    return mttkrp @ torch.linalg.pinv(gram1 * gram2, hermitian=True)
+
+
+def factor_parameters(
+    kind: Factorization, n_latents: int, n_layers: int, d_model: int, rank: int | None
+) -> int:
+    """Parameters of one ``[m, L, d]`` weight under ``kind`` (matches ``build_weight``)."""
+    m, n, d = n_latents, n_layers, d_model
+    if kind == "dense":
+        return m * n * d
+    assert rank is not None, f"{kind} needs a rank"
+    counts = {
+        "shared_basis": n * rank + m * rank * d,
+        "per_latent": m * rank * (n + d),
+        "cp": rank * (m + n + d),
+    }
+    if kind not in counts:
+        raise ValueError(f"unknown factorization {kind!r}")
+    return counts[kind]
+
+
 def build_weight(
     kind: Factorization, n_latents: int, n_layers: int, d_model: int, role: Role, rank: int | None
 ) -> LayerWeight:
@@ -293,6 +424,8 @@ def build_weight(
         return SharedBasisWeight(n_latents, n_layers, d_model, role, rank)
     if kind == "per_latent":
         return PerLatentWeight(n_latents, n_layers, d_model, role, rank)
+    if kind == "cp":
+        return CPWeight(n_latents, n_layers, d_model, role, rank)
     raise ValueError(f"unknown factorization {kind!r}")
 
 

@@ -27,13 +27,17 @@ class FmxcoderConfig(CoderConfigBase):
     encoder_factorization: Factorization = Field(
         "shared_basis",
         description="dense W[L,d,m]; shared_basis: W[i,l] = sum_r G[l,r] V[i,r] with G shared "
-        "by all latents; per_latent: W[i,l] = sum_r A[i,l,r] B[i,r].",
+        "by all latents; per_latent: W[i,l] = sum_r A[i,l,r] B[i,r]; cp: W[i,l,:] = "
+        "sum_r A[i,r] B[l,r] C[r,:] with atoms shared by all latents (rank may exceed n_layers).",
     )
     decoder_factorization: Factorization = Field(
         "shared_basis", description="As encoder_factorization, for the decoder."
     )
     rank: int | None = Field(
-        None, ge=1, description="Layer rank R (<= n_layers) of the factorised weights."
+        None,
+        ge=1,
+        description="Rank R of the factorised weights: <= n_layers for shared_basis and "
+        "per_latent; any size for cp (its number of shared atoms).",
     )
     masking_probability: float = Field(
         0.0, ge=0, le=1, description="Per-token probability of masking one layer (0 disables)."
@@ -68,8 +72,15 @@ class FmxcoderConfig(CoderConfigBase):
                 "rank is only used when encoder_factorization or "
                 "decoder_factorization is not 'dense'; leave it unset"
             )
-        if self.rank is not None and self.rank > self.n_layers:
-            raise ValueError(f"rank (={self.rank}) must be <= n_layers (={self.n_layers})")
+        layer_ranked = {"shared_basis", "per_latent"} & {
+            self.encoder_factorization,
+            self.decoder_factorization,
+        }
+        if layer_ranked and self.rank is not None and self.rank > self.n_layers:
+            raise ValueError(
+                f"rank (={self.rank}) must be <= n_layers (={self.n_layers}) for "
+                f"{' and '.join(sorted(layer_ranked))}"
+            )
         if self.masking_probability > 0 and self.n_layers < 2:
             raise ValueError("masking_probability > 0 needs n_layers >= 2")
         if self.collapse_coefficient > 0 and self.masking_probability == 0:

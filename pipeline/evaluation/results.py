@@ -87,6 +87,7 @@ def summary_row(
         "n_tokens": res.recon.n_tokens,
         "mse": res.recon.mse_mean,
         "fvu": res.recon.fvu_mean,
+        "floor_fvu": res.floor_fvu,
         "l0": s.l0,
         "dead_fraction": s.dead_fraction,
         "dense_fraction": s.dense_fraction,

@@ -38,6 +38,7 @@ from pipeline.evaluation.reconstruction import (
 )
 from pipeline.evaluation.top_contexts import TopContexts
 from pipeline.loader import ActivationLoader, Normaliser
+from pipeline.spectrum import CP_SAMPLE_TOKENS, accumulator_for, decoder_floor, floor_fvu
 
 # Activation histograms: fixed log10 bins (normalised code units) so one pass serves every
 # latent without knowing its range in advance; values outside land in the end bins.
@@ -138,6 +139,7 @@ class VariantResult:
     token_features: sparse.csr_matrix | None
     token_index: np.ndarray
     doc_features: np.ndarray | None  # [n_docs, m] pooled (decoder norms folded in)
+    floor_fvu: float | None = None  # best FVU of the decoder's subspace (pipeline.spectrum)
 
 
 class VariantPass:
@@ -157,9 +159,19 @@ class VariantPass:
         self.hist = torch.zeros(coder.n_latents * (len(HIST_EDGES) - 1), dtype=torch.long)
         self.fold = decoder_norm_weights(coder, variant.scale)
         self.features = _FeatureRows(probe)
+        # a decoder confined to a fixed subspace: its floor on these same held-out tokens
+        self.floor = decoder_floor(coder.config)
+        self.floor_acc = (
+            accumulator_for(self.floor, coder.n_layers, coder.d_model) if self.floor else None
+        )
+        self.floor_left = CP_SAMPLE_TOKENS if self.floor and self.floor.kind == "cp" else None
 
     @torch.no_grad()
     def update(self, rows: np.ndarray, x: Tensor) -> None:
+        if self.floor_acc is not None and self.floor_left != 0:
+            self.floor_acc.update(x if self.floor_left is None else x[: self.floor_left])
+            if self.floor_left is not None:
+                self.floor_left -= min(self.floor_left, x.shape[0])
         f = self.coder.encode(x)
         self.recon.update(x, self.coder.decode(f))
         self.sparsity.update(f)
@@ -191,7 +203,13 @@ class VariantPass:
             token_features=token_x,
             token_index=token_index,
             doc_features=self.features.doc_means(),
+            floor_fvu=self._floor_fvu(),
         )
+
+    def _floor_fvu(self) -> float | None:
+        if self.floor is None or self.floor_acc is None or self.floor_acc.n == 0:
+            return None
+        return floor_fvu(self.floor_acc, self.floor)
 
 
 @dataclass(frozen=True)
