@@ -206,7 +206,7 @@ def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monke
 
 
 def test_results_table_has_a_floor_column_blank_without_a_floor():
-    from pipeline.results_table import paper_table, render_markdown
+    from pipeline.results_table import paper_table, protocol_table, render_markdown
 
     base = {"n_latents": 8, "parameters": 10, "l0": 4.0, "fvu": 0.3, "mse": 1.0, "fc": 2.0}
     base |= {"d_eff": 2.0, "judge": "purity", "judge_good": 1, "judge_rated": 2}
@@ -220,8 +220,9 @@ def test_results_table_has_a_floor_column_blank_without_a_floor():
     }
     table = paper_table(summary)
     assert [r["floor_fvu"] for r in table] == [None, 0.1123, None]
-    lines = render_markdown(table, summary).splitlines()
+    lines = render_markdown(protocol_table(summary), summary).splitlines()
     header = [c.strip() for c in lines[2].split("|")]
     column = header.index("floor FVU")
-    cells = [[c.strip() for c in line.split("|")][column] for line in lines[4:]]
+    rows = [line for line in lines[4:] if line.startswith("|")]
+    cells = [[c.strip() for c in line.split("|")][column] for line in rows]
     assert cells == ["", "0.112", ""]
