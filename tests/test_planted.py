@@ -114,7 +114,7 @@ def test_key_changes_with_every_planted_field_and_ignores_defaults_written_out()
 def test_bad_planted_fields_are_named() -> None:
     with pytest.raises(ManifestError, match="max_span"):
         validate(HarvestManifest, {"model": {"source": "planted", "planted": {"max_span": 9}}}, "h")
-    with pytest.raises(ManifestError, match="model.planted is only used"):
+    with pytest.raises(ManifestError, match=r"model\.planted is only used"):
         validate(HarvestManifest, {"model": {"source": "random", "planted": {}}}, "h")
 
 
