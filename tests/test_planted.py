@@ -174,3 +174,4 @@ def test_planted_experiment_end_to_end(monkeypatch, tmp_path: Path) -> None:
     cal = summary["recovery"]["crosscoder"]["calibration"]
     assert set(cal) == {"fc", "fc_abs", "fc_ablation", "d_eff"}
     assert (result.results / "report" / "recovery.parquet").is_file()
+    assert "Planted-feature recovery" in (result.results / "report" / "index.html").read_text()
