@@ -79,6 +79,7 @@ def test_calibration_ranks_spans_and_skips_unmatched_and_cooccurring() -> None:
     assert cal["tracks"]["spearman"] > 0.95  # not 1: two span-1 features tie
     assert cal["reversed"]["spearman"] < -0.95
     assert cal["tracks"]["mean_by_span"] == pytest.approx({"1": 1.1, "2": 2.1, "3": 2.9, "4": 4.2})
+    assert cal["tracks"]["abs_error"] == pytest.approx((0 + 0.2 + 0.1 + 0.1 + 0.2) / 5)
     assert cal["undefined"]["n"] == 0 and np.isnan(cal["undefined"]["spearman"])
     strict = calibrate(rec, metrics, threshold=0.9)
     assert strict["tracks"]["n"] == 2  # strictly above: 0.9 itself is out

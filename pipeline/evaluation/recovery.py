@@ -109,8 +109,9 @@ def calibrate(
 
     Only features of ``kinds`` enter (a co-occurring feature's span is 1, but a latent that
     merges its group legitimately reads more layers). Returns, per metric, the number of
-    matched features with a defined value, the Spearman rho with the span, and the mean
-    value per span.
+    matched features with a defined value, the Spearman rho with the span (does it rank
+    spans?), the mean absolute error against the span (does it read in layers?), and the
+    mean value per span.
     """
     wanted = np.isin(rec.kind, [KINDS.index(k) for k in kinds]) & (rec.mmcs > threshold)
     out = {}
@@ -124,6 +125,7 @@ def calibrate(
         out[name] = {
             "n": int(ok.sum()),
             "spearman": rho,
+            "abs_error": float(np.abs(v - span).mean()) if ok.any() else float("nan"),
             "mean_by_span": {str(int(s)): float(v[span == s].mean()) for s in np.unique(span)},
         }
     return out
@@ -152,6 +154,7 @@ def summary_columns(summary: dict, calibration: dict[str, dict]) -> dict[str, fl
         out[f"recovered_{kind}"] = group["recovered"]
     for metric, cal in calibration.items():
         out[f"span_rho_{metric}"] = cal["spearman"]
+        out[f"span_error_{metric}"] = cal["abs_error"]
     return out
 
 
