@@ -26,7 +26,15 @@ def canonical_json(value: object) -> str:
 
 def key_material(manifest: HarvestManifest) -> dict:
     """The canonical description that the key hashes; stored with the cache for audit."""
-    model = manifest.model.model_dump(exclude={"path"})
+    if manifest.model.source == "planted":  # no model, no text: the spec is the identity
+        return {
+            "format": STORE_FORMAT,
+            "model": {"source": "planted", "planted": manifest.model.planted_spec.model_dump()},
+            "tokenization": manifest.tokenization.model_dump(),
+            "hooks": manifest.hooks.model_dump(),
+            "storage_dtype": manifest.storage.dtype,
+        }
+    model = manifest.model.model_dump(exclude={"path", "planted"})
     if manifest.model.source == "gguf":
         model.pop("name")  # a display name; the file hash is the identity
     if manifest.model.source != "random":

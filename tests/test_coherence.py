@@ -164,3 +164,39 @@ def test_evaluate_coherence_runs_both() -> None:
     fc, masking = evaluate_coherence(per_layer_sae(L, D, 3), _data(128).split(32))
     assert fc.fc_mean == pytest.approx(1.0)
     assert masking is not None and masking.share_fragile == pytest.approx(1.0)
+
+
+def _all_metrics(coder, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positive, absolute and ablation N_eff of every latent on ``x``."""
+    fc, masking = evaluate_coherence(coder, x.split(50))
+    assert masking is not None
+    return fc.fc, fc.fc_abs, masking.fc_ablation
+
+
+def test_one_layer_scores_one_and_k_equal_layers_score_k_on_every_metric() -> None:
+    positive, absolute, ablation = _all_metrics(_spread_coder(), _same_on_all_layers())
+    for values in (positive, absolute, ablation):
+        assert values[0] == pytest.approx(L)  # reads every layer equally
+        assert values[1] == pytest.approx(1.0)  # reads layer 2 only
+        assert values[2] == pytest.approx(1.0 / (0.8**2 + 0.2**2))
+
+
+def test_sign_cancellation_separates_positive_from_absolute() -> None:
+    """Layer 0 pushes +c, layer 1 pushes -c/2: positive N_eff 1, absolute 1.5^2/1.25,
+    and ablation 1 (removing layer 1 raises the activation, so it takes nothing away)."""
+    u = torch.zeros(D)
+    u[0] = 1.0
+    w_enc = torch.zeros(L, D, 1)
+    w_enc[0, :, 0], w_enc[1, :, 0] = u, -0.5 * u
+    coder = LinearReluCoder(w_enc, torch.zeros(1, L, D))
+    positive, absolute, ablation = _all_metrics(coder, _same_on_all_layers())
+    assert positive[0] == pytest.approx(1.0)
+    assert absolute[0] == pytest.approx(1.5**2 / 1.25)
+    assert ablation[0] == pytest.approx(1.0)
+
+
+def test_summary_means_cover_the_new_metrics() -> None:
+    fc, masking = evaluate_coherence(_spread_coder(), _same_on_all_layers().split(50))
+    expected = (L + 1 + 1 / 0.68) / 3
+    assert fc.fc_abs_mean == pytest.approx(expected)
+    assert masking.fc_ablation_mean == pytest.approx(expected)

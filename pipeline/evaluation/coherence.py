@@ -2,9 +2,13 @@
 
 The encoder is additive over layers, so each active latent's pre-activation splits into
 per-layer contributions ``c_l = <x_l - mu_l, W_enc[l, :, i]>``; ``N_eff = 1 / sum p_l^2`` with
-``p = c^+ / sum c^+`` counts the layers that carry it (1..L). A decoder can look spread
-(``D_eff`` near L) while the function is local (``FC`` near 1): the abstract's claim, so
-both are reported, plus a masking test that zeroes one layer at a time.
+``p = c^+ / sum c^+`` counts the layers that carry it (1..L). Positive contributions alone
+hide cancellation (a layer pushing +5 and another -4 reads as one layer), so two
+companions are kept beside it: the absolute N_eff (``p = |c| / sum |c|``) and the ablation
+N_eff (``p_l`` proportional to ``relu(f(x) - f(x with layer l at its mean))``: how much of the
+activation each layer's removal takes away, nonlinearity included). A decoder can look
+spread (``D_eff`` near L) while the function is local (``FC`` near 1): the abstract's
+claim, so both are reported, plus a masking test that sets one layer to its mean.
 Everything streams; contributions are computed for blocks of latents on the tokens where
 the block is active, never as ``[tokens, L, m]``.
 """
@@ -30,9 +34,10 @@ def normalised_mean(mean: Tensor, scale: Tensor, centred: bool) -> Tensor:
     return (mean * scale.view(-1, 1)).float()
 
 
-def effective_layers(c: Tensor, dim: int = -2) -> Tensor:
-    """``(sum c^+)^2 / sum (c^+)^2`` along ``dim``; NaN where no contribution is positive."""
-    pos = c.clamp_min(0)
+def effective_layers(c: Tensor, dim: int = -2, absolute: bool = False) -> Tensor:
+    """``(sum c^+)^2 / sum (c^+)^2`` along ``dim`` (``|c|`` when ``absolute``); NaN where
+    every contribution is zero (or, not absolute, none is positive)."""
+    pos = c.abs() if absolute else c.clamp_min(0)
     total, energy = pos.sum(dim), pos.pow(2).sum(dim)
     return torch.where(energy > 0, total.pow(2) / energy.clamp_min(1e-30), torch.nan)
 
@@ -54,6 +59,8 @@ class CoherenceResult:
     n_alive: int
     undefined_tokens: int  # active (latent, token) pairs whose contributions were all <= 0
     n_layers: int
+    fc_abs: np.ndarray  # [m] the same with |c|: cancellations count as layers read
+    fc_abs_mean: float
 
     def histogram(self, bins: int = 20) -> tuple[np.ndarray, np.ndarray]:
         """Counts and edges over ``[1, L]`` for the alive latents."""
@@ -72,6 +79,8 @@ class CoherenceAccumulator:
         self.block_elements = block_elements
         self.num = torch.zeros(coder.n_latents, dtype=torch.float64)
         self.den = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.num_abs = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.den_abs = torch.zeros(coder.n_latents, dtype=torch.float64)
         self.fired = torch.zeros(coder.n_latents, dtype=torch.bool)
         self.undefined = 0
 
@@ -98,19 +107,34 @@ class CoherenceAccumulator:
             self.num[latents.cpu()] += (w * torch.nan_to_num(neff).double()).sum(0).cpu()
             self.den[latents.cpu()] += w.sum(0).cpu()
             self.undefined += int((sub & ~ok).sum())
+            neff_abs = effective_layers(c, absolute=True)
+            ok_abs = sub & torch.isfinite(neff_abs)
+            w_abs = torch.where(ok_abs, f[rows.unsqueeze(1), latents], 0).double()
+            self.num_abs[latents.cpu()] += (
+                (w_abs * torch.nan_to_num(neff_abs).double()).sum(0).cpu()
+            )
+            self.den_abs[latents.cpu()] += w_abs.sum(0).cpu()
 
     def result(self) -> CoherenceResult:
-        defined = self.den > 0
-        fc = torch.where(defined, self.num / self.den.clamp_min(1e-30), torch.nan).numpy()
-        finite = fc[np.isfinite(fc)]
+        fc, fc_mean = weighted_mean(self.num, self.den)
+        fc_abs, fc_abs_mean = weighted_mean(self.num_abs, self.den_abs)
         return CoherenceResult(
             fc=fc,
             weight=self.den.numpy(),
-            fc_mean=float(finite.mean()) if finite.size else float("nan"),
+            fc_mean=fc_mean,
             n_alive=int(self.fired.sum()),
             undefined_tokens=self.undefined,
             n_layers=self.coder.n_layers,
+            fc_abs=fc_abs,
+            fc_abs_mean=fc_abs_mean,
         )
+
+
+def weighted_mean(num: Tensor, den: Tensor) -> tuple[np.ndarray, float]:
+    """Per-latent ``num / den`` (NaN where ``den`` is 0) and its mean over defined latents."""
+    per_latent = torch.where(den > 0, num / den.clamp_min(1e-30), torch.nan).numpy()
+    finite = per_latent[np.isfinite(per_latent)]
+    return per_latent, float(finite.mean()) if finite.size else float("nan")
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,8 @@ class MaskingResult:
     fragile: np.ndarray  # [m] bool: some single layer halves (or more) the activation
     share_fragile: float  # over alive latents
     n_alive: int
+    fc_ablation: np.ndarray  # [m] activation-weighted ablation N_eff, NaN if never defined
+    fc_ablation_mean: float  # over latents with a defined value
 
 
 class MaskingAccumulator:
@@ -139,6 +165,8 @@ class MaskingAccumulator:
         self.mu = None if mu is None else mu.float()
         self.clean = torch.zeros(coder.n_latents, dtype=torch.float64)
         self.masked = torch.zeros(coder.n_layers, coder.n_latents, dtype=torch.float64)
+        self.ablation_num = torch.zeros(coder.n_latents, dtype=torch.float64)
+        self.ablation_den = torch.zeros(coder.n_latents, dtype=torch.float64)
 
     def _mask(self, xc: Tensor, layer: int) -> Tensor:
         out = xc.clone()
@@ -154,9 +182,20 @@ class MaskingAccumulator:
         active = f > 0
         self.clean += torch.where(active, f, 0).double().sum(0).cpu()
         xc = x if self.mu is None else x - self.mu.to(x.device)
+        drop_sum = torch.zeros_like(f, dtype=torch.float64)
+        drop_sq = torch.zeros_like(f, dtype=torch.float64)
         for layer in range(self.coder.n_layers):
             g = self.coder.encode(self._mask(xc, layer))
             self.masked[layer] += torch.where(active, g, 0).double().sum(0).cpu()
+            drop = torch.where(active, (f - g).clamp_min(0), 0).double()
+            drop_sum += drop
+            drop_sq += drop.square()
+        # ablation N_eff per (token, latent): (sum Delta)^2 / sum Delta^2 over layers
+        ok = active & (drop_sq > 0)
+        neff = torch.where(ok, drop_sum.square() / drop_sq.clamp_min(1e-30), 0)
+        w = torch.where(ok, f, 0).double()
+        self.ablation_num += (w * neff).sum(0).cpu()
+        self.ablation_den += w.sum(0).cpu()
 
     def result(self) -> MaskingResult:
         alive = self.clean > 0
@@ -165,6 +204,7 @@ class MaskingAccumulator:
         min_ratio = torch.where(alive, min_ratio, torch.nan)
         fragile = alive & (min_ratio < self.threshold)
         n_alive = int(alive.sum())
+        fc_ablation, fc_ablation_mean = weighted_mean(self.ablation_num, self.ablation_den)
         return MaskingResult(
             ratio=ratio.numpy(),
             min_ratio=min_ratio.numpy(),
@@ -172,6 +212,8 @@ class MaskingAccumulator:
             fragile=fragile.numpy(),
             share_fragile=float(fragile.sum()) / n_alive if n_alive else float("nan"),
             n_alive=n_alive,
+            fc_ablation=fc_ablation,
+            fc_ablation_mean=fc_ablation_mean,
         )
 
 

@@ -1,0 +1,173 @@
+"""Planted-truth caches: the generator, its cache key, and harvest -> train -> evaluate."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cache_key import cache_key
+from pipeline.harvest_manifest import HarvestManifest, PlantedSpec
+from pipeline.manifest_io import ManifestError, validate
+from pipeline.planted import (
+    KINDS,
+    PlantedGenerator,
+    planted_features,
+    planted_windows,
+)
+from pipeline.store import ActivationStore
+from stages import experiment, harvest
+
+TINY = {
+    "n_layers": 4,
+    "d_model": 16,
+    "n_single": 8,
+    "n_spanning": 6,
+    "n_groups": 2,
+    "fire_probability": 0.05,
+}
+
+
+def _manifest(**planted) -> HarvestManifest:
+    return HarvestManifest.model_validate(
+        {
+            "model": {"source": "planted", "planted": {**TINY, **planted}},
+            "tokenization": {"context_length": 32, "num_tokens": 2048},
+            "storage": {"chunk_tokens": 512},
+            "run": {"progress": False},
+        }
+    )
+
+
+def test_features_have_the_promised_structure() -> None:
+    spec = PlantedSpec(**TINY, drift_degrees=90)
+    f = planted_features(spec)
+    assert f.directions.shape == (8 + 6 + 2 * 2, 4, 16)
+    on = np.linalg.norm(f.directions, axis=2) > 0
+    assert (on.sum(1) == f.span).all()
+    for i in range(f.n_features):  # contiguous spans starting at `start`
+        assert on[i, f.start[i] : f.start[i] + f.span[i]].all()
+    spanning = f.kind == KINDS.index("spanning")
+    assert (f.span[spanning] >= 2).all() and (f.span[~spanning] == 1).all()
+    i = int(np.flatnonzero(spanning)[0])  # 90 degrees of drift: first and last orthogonal
+    first, last = f.directions[i, f.start[i]], f.directions[i, f.start[i] + f.span[i] - 1]
+    assert abs(first @ last) < 1e-9
+    grouped = f.kind == KINDS.index("cooccurring")
+    assert (f.group[grouped] >= 0).all() and (f.group[~grouped] == -1).all()
+
+
+def test_group_members_fire_together_on_distinct_layers() -> None:
+    manifest = _manifest()
+    gen = PlantedGenerator(
+        manifest, planted_windows(manifest.model.planted_spec, manifest.tokenization)
+    )
+    codes = gen.codes(0, 2048, 0)
+    f = gen.features
+    for g in range(2):
+        members = np.flatnonzero(f.group == g)
+        fired = codes[:, members] > 0
+        assert fired.any() and (fired == fired[:, :1]).all()
+        assert np.unique(f.start[members]).size == members.size
+    special = gen.special
+    assert (codes[special] == 0).all()
+
+
+def test_topic_shifts_which_features_fire() -> None:
+    manifest = _manifest(topic_boost=8.0, n_topics=2)
+    spec = manifest.model.planted_spec
+    gen = PlantedGenerator(manifest, planted_windows(spec, manifest.tokenization))
+    fired = gen.codes(0, 2048, 0) > 0
+    preferred = gen.features.topic[None, :] == gen.row_topic[:, None]
+    real = gen.row_topic >= 0
+    assert fired[real][preferred[real]].mean() > 3 * fired[real][~preferred[real]].mean()
+
+
+def test_key_changes_with_every_planted_field_and_ignores_defaults_written_out() -> None:
+    base = cache_key(_manifest())
+    assert cache_key(_manifest(**{"drift_degrees": 60.0})) == base  # the default, written out
+    changed = {
+        "seed": 1,
+        "n_layers": 5,
+        "d_model": 8,
+        "n_single": 9,
+        "n_spanning": 5,
+        "max_span": 3,
+        "drift_degrees": 10.0,
+        "n_groups": 1,
+        "group_size": 3,
+        "fire_probability": 0.1,
+        "magnitude_mean": 2.0,
+        "noise_std": 0.5,
+        "n_topics": 3,
+        "topic_boost": 2.0,
+        "doc_tokens": 10,
+        "vocab_size": 7,
+        "languages": ["en", "fr"],
+    }
+    assert set(changed) == set(PlantedSpec.model_fields)
+    keys = {cache_key(_manifest(**{field: value})) for field, value in changed.items()}
+    assert base not in keys and len(keys) == len(changed)
+
+
+def test_bad_planted_fields_are_named() -> None:
+    with pytest.raises(ManifestError, match="max_span"):
+        validate(HarvestManifest, {"model": {"source": "planted", "planted": {"max_span": 9}}}, "h")
+    with pytest.raises(ManifestError, match=r"model\.planted is only used"):
+        validate(HarvestManifest, {"model": {"source": "random", "planted": {}}}, "h")
+
+
+def test_harvest_is_deterministic_and_a_normal_store(tmp_path: Path) -> None:
+    manifest = _manifest()
+    first = harvest.run(manifest, tmp_path / "a")
+    second = harvest.run(manifest, tmp_path / "b")
+    assert first.key == second.key
+    a, b = ActivationStore(first.path), ActivationStore(second.path)
+    assert a.hook_names == [f"blocks.{i}.hook_resid_post" for i in range(4)]
+    for j in range(4):
+        assert np.array_equal(a.arrays[j][:], b.arrays[j][:])
+    assert set(a.documents().column_names) >= {"doc_id", "title", "language", "topic", "split"}
+    assert set(a.tokens().column_names) == {
+        "token_id",
+        "doc_id",
+        "position",
+        "token_text",
+        "is_special",
+    }
+    a.verify()
+
+
+def test_planted_experiment_end_to_end(monkeypatch, tmp_path: Path) -> None:
+    """Harvest, train a coder briefly, evaluate: recovery and calibration are written."""
+    monkeypatch.setenv("FMX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FMX_RUNS_DIR", str(tmp_path / "runs"))
+    (tmp_path / "h.yaml").write_text(json.dumps(_manifest().model_dump(mode="json")))
+    (tmp_path / "e.yaml").write_text(
+        json.dumps(
+            {
+                "name": "planted-tiny",
+                "harvest": "h.yaml",
+                "defaults": {
+                    "training": {"tokens": 4096, "batch_size": 256, "lr": 0.003},
+                    "run": {"progress": False},
+                },
+                "variants": [
+                    {
+                        "name": "crosscoder",
+                        "coder": {"kind": "crosscoder", "n_latents": 32, "k": 4},
+                    },
+                ],
+                "evaluation": {"judge": "purity", "latents_sampled": 1, "splice": True},
+            }
+        )
+    )
+    result = experiment.run(tmp_path / "e.yaml", tmp_path / "results")
+    summary = json.loads((result.results / "report" / "results.json").read_text())
+    assert set(summary["recovery"]) == {"crosscoder"}
+    row = {r["variant"]: r for r in summary["variants"]}["crosscoder"]
+    assert 0 < row["mmcs"] <= 1 and 0 <= row["recovered"] <= 1
+    cal = summary["recovery"]["crosscoder"]["calibration"]
+    assert set(cal) == {"fc", "fc_abs", "fc_ablation", "d_eff"}
+    assert (result.results / "report" / "recovery.parquet").is_file()
+    assert "Planted-feature recovery" in (result.results / "report" / "index.html").read_text()
