@@ -164,7 +164,7 @@ def test_planted_experiment_end_to_end(monkeypatch, tmp_path: Path) -> None:
     )
     result = experiment.run(tmp_path / "e.yaml", tmp_path / "results")
     summary = json.loads((result.results / "report" / "results.json").read_text())
-    assert set(summary["recovery"]) == {"crosscoder"}
+    assert set(summary["recovery"]) == {"crosscoder", "crosscoder untrained"}  # + its control
     row = {r["variant"]: r for r in summary["variants"]}["crosscoder"]
     assert 0 < row["mmcs"] <= 1 and 0 <= row["recovered"] <= 1
     cal = summary["recovery"]["crosscoder"]["calibration"]
