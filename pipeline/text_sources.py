@@ -16,6 +16,7 @@ class Document:
     text: str
     language: str = ""
     topic: str = ""
+    token_ids: tuple[int, ...] | None = None  # pre-tokenised data: used instead of ``text``
 
 
 class TextSourceError(ValueError):
