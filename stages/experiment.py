@@ -64,6 +64,7 @@ def run(
             latents_sampled=experiment.evaluation.latents_sampled,
             max_tokens=experiment.evaluation.max_tokens,
             splice=experiment.evaluation.splice,
+            splice_off_by="evaluation.splice: false in the experiment manifest",
             device=device or "auto",
         )
         evaluate.run(run_dirs, paths.report, options)
