@@ -261,7 +261,9 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         summaries.append(summary)
         combined["per_layer"] += own["per_layer"]
         combined["latents"] += own["latents"]
-        combined["sampled"] += tables.sampled_rows(m.details[name])
+        combined["sampled"] += tables.sampled_rows(
+            [d for d in m.details[name] if d.chosen_by == RANDOM]
+        )
     baselines = baseline_rows(m.probe_rows, variants)
     combined["variants"] = summaries + [
         {k: v for k, v in b.items() if k != "features"} for b in baselines

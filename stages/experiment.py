@@ -11,6 +11,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.evaluation.results import run_id
 from pipeline.experiment_manifest import load_experiment, variant_manifests
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.paths import ExperimentPaths, ReportPaths
@@ -29,7 +30,7 @@ def _evaluation_is_current(summary: Path, run_dirs: list[Path]) -> bool:
     if not summary.is_file():
         return False
     done = {row["run_dir"] for row in json.loads(summary.read_text())["variants"]}
-    return done == {str(p) for p in run_dirs}
+    return done == {run_id(p) for p in run_dirs}
 
 
 def run(

@@ -56,3 +56,30 @@ def test_windows_keep_characters_whole_and_tokens_unchanged(tokenizer):
         text = "".join(table["token_text"][r] for r in rows)
         # the last document may be cut inside a character: its text just stops earlier
         assert text == tokenizer.decode(ids[rows].tolist()).rstrip("\ufffd")
+
+
+def test_old_store_windows_decode_whole_characters_at_their_edges(tokenizer):
+    """A store whose token_text was decoded token by token (U+FFFD pieces) still shows
+    whole characters when the view can decode ids, even for windows cut mid-character."""
+    import pyarrow as pa
+
+    from pipeline.evaluation.top_contexts import TokenView
+
+    text = "Zürich 日本 Ελλάδα"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    table = pa.table(
+        {
+            "token_id": ids,
+            "doc_id": [0] * len(ids),
+            "position": list(range(len(ids))),
+            "token_text": [tokenizer.decode([i]) for i in ids],  # the old, broken text
+            "is_special": [False] * len(ids),
+        }
+    )
+    assert TokenView.from_table(table).texts(np.arange(len(ids)))[2] == "\ufffd"
+    view = TokenView.from_table(table, lambda: tokenizer.decode)
+    assert "".join(view.texts(np.arange(len(ids)))) == text
+    for lo in range(len(ids)):
+        for hi in range(lo, len(ids)):
+            shown = "".join(view.texts(np.arange(lo, hi + 1)))
+            assert "\ufffd" not in shown and shown in text, (lo, hi, shown)

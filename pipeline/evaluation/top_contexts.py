@@ -102,7 +102,26 @@ class TokenView:
         rows = np.asarray(rows)
         if self.decode is None or self.token_id is None or rows.size == 0:
             return [self.text[r] for r in rows.tolist()]
-        return decode_pieces(self.decode, self.token_id[rows].tolist())
+        lo, hi = int(rows[0]), int(rows[-1])
+        if hi - lo + 1 != rows.size:  # not contiguous: decode as given
+            return decode_pieces(self.decode, self.token_id[rows].tolist())
+        # A character cut by the window's edge is completed by the tokens beside it.
+        start, stop = self._extend(lo, -1), self._extend(hi, 1)
+        pieces = decode_pieces(self.decode, self.token_id[start : stop + 1].tolist())
+        pieces = pieces[lo - start : lo - start + rows.size]
+        pieces[0] = pieces[0].lstrip(REPLACEMENT)  # still cut: the document edge
+        pieces[-1] = pieces[-1].rstrip(REPLACEMENT)
+        return pieces
+
+    def _extend(self, row: int, step: int, most: int = 4) -> int:
+        """Up to ``most`` rows beyond ``row`` in the same document (a character's bytes)."""
+        out = row
+        while 0 <= out + step < len(self.text) and abs(out + step - row) <= most:
+            nxt = out + step
+            if self.doc_id[nxt] != self.doc_id[row] or self.is_special[nxt]:
+                break
+            out = nxt
+        return out
 
 
 def window_rows(view: TokenView, row: int, before: int = 12, after: int = 4) -> np.ndarray:
