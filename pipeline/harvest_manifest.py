@@ -10,15 +10,16 @@ is unused.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pipeline.manifest_io import load_manifest
 
 Language = Literal["en", "fr", "es"]
-HookPoint = Literal["resid_post", "mlp_out", "attn_out"]
+HOOK_POINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
 class Strict(BaseModel):
@@ -124,6 +125,22 @@ class TextSpec(Strict):
     dataset: str | None = Field(None, description="hf_dataset: dataset name.")
     dataset_split: str = Field("train", description="hf_dataset: split to read.")
     dataset_revision: str | None = Field(None, description="hf_dataset: pinned revision.")
+    dataset_config: str | None = Field(
+        None, description="hf_dataset: configuration (subset) name, e.g. 'wikitext-2-raw-v1'."
+    )
+    streaming: bool = Field(
+        False,
+        description="hf_dataset: stream rows instead of downloading the whole split (needs "
+        "max_documents). The same rows in the same order: not part of the cache key.",
+    )
+    token_field: str | None = Field(
+        None,
+        description="files/hf_dataset: a column of pre-tokenised token ids, used instead of "
+        "text_field (ids must come from the harvested model's tokenizer).",
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Read at most this many documents (rows), in source order."
+    )
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> TextSpec:
@@ -133,6 +150,12 @@ class TextSpec(Strict):
             raise ValueError("text.dataset is required when text.source is 'hf_dataset'")
         if self.source == "wiki_summaries" and not self.languages:
             raise ValueError("text.languages must name at least one of en, fr, es")
+        if self.source != "hf_dataset" and (self.dataset_config or self.streaming):
+            raise ValueError("text.dataset_config and text.streaming need source 'hf_dataset'")
+        if self.source == "wiki_summaries" and self.token_field:
+            raise ValueError("text.token_field needs source 'files' or 'hf_dataset'")
+        if self.streaming and self.max_documents is None:
+            raise ValueError("text.streaming needs text.max_documents (a stream has no end)")
         return self
 
 
@@ -159,7 +182,32 @@ class HookSpec(Strict):
     layers: Literal["all"] | tuple[int, ...] = Field(
         "all", description="'all' or a list of block indices."
     )
-    point: HookPoint = Field("resid_post", description="Which activation of each block.")
+    point: str = Field(
+        "resid_post",
+        description="Which activation of each block: any TransformerLens hook inside "
+        "blocks.N that has shape [batch, pos, d_model], as its name after 'blocks.N.' "
+        "(resid_pre, resid_mid, resid_post, attn_out, mlp_out, ln2.hook_normalized, ...); "
+        "a leading 'hook_' may be left out.",
+    )
+
+    @field_validator("point")
+    @classmethod
+    def _canonical_point(cls, point: str) -> str:
+        """One spelling per hook (``hook_mlp_out`` -> ``mlp_out``), so the key is stable."""
+        point = point.strip()
+        if point.startswith("blocks.") or not HOOK_POINT.fullmatch(point):
+            raise ValueError(
+                f"hooks.point: {point!r} is not a hook name inside a block (e.g. resid_post, "
+                "attn.hook_z; the layer comes from hooks.layers)"
+            )
+        if "." not in point and point.startswith("hook_"):
+            point = point.removeprefix("hook_")
+        return point
+
+    @property
+    def suffix(self) -> str:
+        """The hook's name after ``blocks.N.``."""
+        return self.point if "." in self.point else f"hook_{self.point}"
 
     @model_validator(mode="after")
     def _check_layers(self) -> HookSpec:

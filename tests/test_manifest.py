@@ -23,7 +23,7 @@ BAD_YAML = {
         "tokenization.prepend_bos",
         "bool",
     ),
-    "bad-literal": ("hooks:\n  point: resid_pre\n", "hooks.point", "resid_post"),
+    "bad-literal": ("hooks:\n  point: blocks.3.hook_resid_pre\n", "hooks.point", "resid_post"),
     "bad-list-item": ("text:\n  languages: [en, de]\n", "text.languages.1", "'en'"),
     "out-of-range": ("tokenization:\n  test_fraction: 1.5\n", "tokenization.test_fraction", "1"),
     "gguf-without-path": ("model:\n  source: gguf\n", "model.path", "required"),
@@ -128,7 +128,7 @@ progress = false
 
 
 def test_toml_errors_name_the_dotted_field(tmp_path):
-    path = write(tmp_path, "bad.toml", '[hooks]\npoint = "logits"\n')
+    path = write(tmp_path, "bad.toml", '[hooks]\npoint = "blocks.0.logits"\n')
     with pytest.raises(ManifestError) as caught:
         load_harvest_manifest(path)
     assert str(caught.value).startswith(f"{path}: field 'hooks.point': ")
