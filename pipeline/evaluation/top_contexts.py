@@ -134,10 +134,12 @@ def window_rows(view: TokenView, row: int, before: int = 12, after: int = 4) -> 
 
 
 def format_context(texts: list[str], active: np.ndarray) -> str:
-    """Join token texts, wrapping active ones in ``<<>>`` (leading space kept outside)."""
+    """Join token texts, wrapping active ones in ``<<>>`` (leading space kept outside). An
+    active token with no visible text (whitespace, or the empty share of a multi-token
+    character) still shows as ``<<>>``, so a reader (or judge) sees where it fired."""
     out = []
     for text, on in zip(texts, active.tolist(), strict=True):
-        if on and text.strip():
+        if on:
             lead = text[: len(text) - len(text.lstrip())]
             out.append(f"{lead}<<{text.strip()}>>")
         else:
