@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from filelock import FileLock
 from tqdm import tqdm
 
 from pipeline.cache_key import hash_material, key_material
 from pipeline.harvest_manifest import HarvestManifest
+from pipeline.locks import exclusive_lock
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import (
     StorePaths,
@@ -220,7 +220,7 @@ def run(
     if StorePaths(final).completion.is_file():
         return HarvestResult(key, final, cache_hit=True)
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store_lock(root, key))):
+    with exclusive_lock(store_lock(root, key)):  # waits; the lock file goes on exit
         if StorePaths(final).completion.is_file():  # another process finished it meanwhile
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()
