@@ -10,10 +10,12 @@ from pathlib import Path
 import click
 
 from pipeline.assets import AssetError
+from pipeline.locks import LockedError
 from pipeline.store import StoreError
 
-# ValueError covers ManifestError, ModelError, TextSourceError and CorpusTooSmallError.
-USER_ERRORS = (StoreError, AssetError, FileNotFoundError, ValueError)
+# ValueError covers ManifestError, ModelError, TextSourceError, CorpusTooSmallError and
+# CheckpointError.
+USER_ERRORS = (StoreError, AssetError, FileNotFoundError, ValueError, LockedError)
 
 
 def user_errors(command):

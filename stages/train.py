@@ -1,14 +1,22 @@
 """Train stage: coder manifests + a finished cache -> checkpoints. Never harvests.
 
 Runs that share a loader signature are stepped on the same batches, so N variants read
-the store once. Each run resumes from its last checkpoint; a finished run is skipped.
+the store once. Each run resumes from its newest valid checkpoint; a run whose ``final/``
+verifies is skipped (a damaged ``final/`` is removed, with a warning, and trained again).
+
+One process per run directory: ``train.lock`` there is taken without waiting, so a second
+``pipeline train`` of the same coder stops at once with a one-line error naming the lock
+(waiting would only make it find the run finished, or race it for the GPU). The lock file
+is removed when the first process exits.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +24,11 @@ from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
 from pipeline.catalog import find_store
+from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
+from pipeline.locks import exclusive_lock
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.store import ActivationStore, StoreError
@@ -146,7 +156,27 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
 
     Under torchrun (WORLD_SIZE > 1) every rank trains its rows of each batch (pipeline/ddp.py).
     """
+    with ExitStack() as locks:
+        return _run_locked(manifests, locks)
+
+
+def _is_trained(paths: RunPaths, main: bool) -> bool:
+    """``final/`` counts only when its checksums verify; a damaged one is removed (rank 0)."""
+    if not paths.final.is_dir():
+        return False
+    try:
+        verify_checkpoint(paths.final)
+        return True
+    except CheckpointError as err:
+        if main:
+            warn(f"{paths.final} is not a complete checkpoint ({err}); training it again")
+            shutil.rmtree(paths.final)
+        return False
+
+
+def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -> list[TrainResult]:
     dist = init_from_env()
+    main = dist is None or dist.is_main
     groups: dict[tuple, list[CoderRun]] = defaultdict(list)
     stores: dict[tuple, tuple[ActivationStore, list[int], CoderManifest]] = {}
     results = []
@@ -160,7 +190,9 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
         layers = store_layers(manifest, store)
         config = check_coder_section(manifest, len(layers), store.d_model, manifest.name)
         paths = run_paths(manifest, store.key)
-        if paths.final.is_dir():
+        if main:
+            locks.enter_context(exclusive_lock(paths.lock, wait=False, what="`pipeline train`"))
+        if _is_trained(paths, main):
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
         device = resolve_device(manifest.run.device)
