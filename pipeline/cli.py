@@ -19,13 +19,17 @@ USER_ERRORS = (StoreError, AssetError, FileNotFoundError, ValueError, LockedErro
 
 
 def user_errors(command):
-    """Report expected failures as ``Error: <message>`` and exit 1, without a traceback."""
+    """Report expected failures as ``Error: <message>`` and exit 1, without a traceback
+    (``pipeline --debug ...`` lets them through, traceback and all)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except USER_ERRORS as err:
+            context = click.get_current_context(silent=True)
+            if context is not None and (context.find_root().obj or {}).get("debug"):
+                raise
             raise click.ClickException(str(err)) from None
 
     return wrapper
@@ -40,14 +44,17 @@ cache_root_option = click.option(
 
 
 @click.group()
-def main() -> None:
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+@click.pass_context
+def main(context: click.Context, debug: bool) -> None:
     """Harvest activations, train cross-layer sparse coders, evaluate them.
 
     \b
     Example:
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml
-      pipeline ls
+      pipeline --debug ls
     """
+    context.obj = {"debug": debug}
 
 
 @main.command()

@@ -27,8 +27,9 @@ from pipeline.catalog import find_store
 from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
-from pipeline.loader import ActivationLoader
+from pipeline.loader import ActivationLoader, split_rows
 from pipeline.locks import exclusive_lock
+from pipeline.manifest_io import ManifestError, check_device, check_writable_dir
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.store import ActivationStore, StoreError
@@ -70,8 +71,25 @@ def store_layers(manifest: CoderManifest, store: ActivationStore) -> list[int]:
         return list(range(store.n_layers))
     bad = [layer for layer in manifest.layers if layer >= store.n_layers]
     if bad:
-        raise ValueError(f"layers: {bad} out of range: the cache has {store.n_layers} hooks")
+        raise ManifestError(
+            f"coder manifest '{manifest.name}': field 'layers': {bad} out of range: the cache "
+            f"has {store.n_layers} hooks (0..{store.n_layers - 1})"
+        )
     return list(manifest.layers)
+
+
+def check_runnable(manifest: CoderManifest, store: ActivationStore) -> None:
+    """What only this machine and this store can tell, before any training starts."""
+    label = f"coder manifest '{manifest.name}'"
+    check_device(manifest.run.device, f"{label}: field 'run.device'")
+    runs_root = manifest.run.runs_root or default_runs_root()
+    check_writable_dir(runs_root, f"{label}: field 'run.runs_root'")
+    train_tokens = len(split_rows(store, "train"))
+    if manifest.training.batch_size > train_tokens:
+        raise ManifestError(
+            f"{label}: field 'training.batch_size': {manifest.training.batch_size} is more than "
+            f"the {train_tokens} training tokens of cache {store.key}"
+        )
 
 
 def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
@@ -181,7 +199,8 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
     stores: dict[tuple, tuple[ActivationStore, list[int], CoderManifest]] = {}
     results = []
     opened: dict[tuple, ActivationStore] = {}  # variants of one cache: hash and open it once
-    for manifest, base in manifests:
+    checked = []
+    for manifest, base in manifests:  # every manifest checked before any run starts
         ref = manifest.cache
         where = (ref.key or base / ref.harvest_manifest, ref.root)
         if where not in opened:
@@ -189,6 +208,9 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
         store = opened[where]
         layers = store_layers(manifest, store)
         config = check_coder_section(manifest, len(layers), store.d_model, manifest.name)
+        check_runnable(manifest, store)
+        checked.append((manifest, store, layers, config))
+    for manifest, store, layers, config in checked:
         paths = run_paths(manifest, store.key)
         if main:
             locks.enter_context(exclusive_lock(paths.lock, wait=False, what="`pipeline train`"))
