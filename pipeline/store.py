@@ -17,7 +17,13 @@ import zarr
 from safetensors.torch import load_file
 
 from pipeline.paths import StorePaths
-from pipeline.store_format import chunk_files, file_crc32c, from_storage_numpy, tree_bytes
+from pipeline.store_format import (
+    chunk_files,
+    file_crc32c,
+    from_storage_numpy,
+    record_crc32c,
+    tree_bytes,
+)
 
 
 class StoreError(RuntimeError):
@@ -34,12 +40,15 @@ class ActivationStore:
             raise StoreError(f"{self.paths.root}: not a finished store (no {completion.name})")
         try:
             self.record = json.loads(completion.read_text())
+            saved = self.record.pop("record_crc32c", None)  # absent in older stores
+            if saved is not None and saved != record_crc32c(self.record):
+                raise ValueError("checksum mismatch (the record changed since harvest)")
             self.hook_names: list[str] = self.record["hooks"]
             self.n_tokens: int = self.record["n_tokens"]
             self.chunk_tokens: int = self.record["chunk_tokens"]
             self.dtype: str = self.record["storage"]["dtype"]
-        except (ValueError, KeyError, TypeError) as err:
-            raise self.damaged(completion, f"unreadable ({type(err).__name__}: {err})") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise self.damaged(completion, f"unreadable ({err})") from None
         self._check_files(checksums=False)
         try:
             group = zarr.open_group(self.paths.activations, mode="r", zarr_format=3)
@@ -77,7 +86,7 @@ class ActivationStore:
             size = path.stat().st_size
             if size != expected["size"]:
                 raise self.damaged(path, f"{size} bytes, expected {expected['size']} (truncated?)")
-            if not (checksums or relative.startswith("blocks/")):
+            if not checksums and relative.startswith("blocks/"):
                 continue
             if file_crc32c(path) != expected["crc32c"]:
                 raise self.damaged(path, "checksum mismatch (the file changed since harvest)")

@@ -176,3 +176,10 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def record_crc32c(record: dict) -> int:
+    """crc32c of a record's canonical JSON: ``complete.json`` checks itself with it."""
+    import crc32c
+
+    return crc32c.crc32c(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())

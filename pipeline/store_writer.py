@@ -28,6 +28,7 @@ from pipeline.store_format import (
     chunk_files,
     codecs,
     file_checksums,
+    record_crc32c,
     safetensors_bytes,
     to_storage_numpy,
 )
@@ -158,4 +159,5 @@ def write_completion(path: Path, record: dict) -> None:
     statistics, manifest, markers, zarr metadata) join the record, so opening the store can
     prove that nothing changed since the harvest (chunks keep their per-block crc32c)."""
     files = file_checksums(Path(path).parent, exclude=(Path(path).name,))
-    atomic_write_json(path, {**record, "files": files})
+    record = {**record, "files": files}
+    atomic_write_json(path, {**record, "record_crc32c": record_crc32c(record)})

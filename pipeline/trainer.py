@@ -41,6 +41,9 @@ if TYPE_CHECKING:
     from pipeline.ddp import DistributedContext
 
 
+KEEP_CHECKPOINTS = 2  # the newest, and one to resume from if the newest is damaged
+
+
 def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
     warmup = int(spec.warmup_fraction * total)
     if step < warmup:
@@ -114,8 +117,8 @@ class CoderRun:
         return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def save_checkpoint(self) -> None:
-        """A new directory per checkpoint, sealed by its checksums last; older ones go only
-        once it is complete."""
+        """A new directory per checkpoint, sealed by its checksums last; the oldest goes only
+        once it is complete, and the previous one stays as a fallback if this one is damaged."""
         if not self.is_main:
             return
         target = self.paths.checkpoint(self.step)
@@ -125,9 +128,8 @@ class CoderRun:
             target / OPTIMIZER_FILE, tensors, {"step": self.step, "skeleton": skeleton}
         )
         seal_checkpoint(target)
-        for old in self.paths.checkpoints():
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+        for old in self.paths.checkpoints()[KEEP_CHECKPOINTS:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def save_final(self) -> None:
         if not self.is_main:

@@ -55,7 +55,11 @@ def store_fingerprint(root: Path) -> dict:
         "documents": pq.read_table(paths.documents).to_pydict(),
         "stats": {k: v.tolist() for k, v in load_file(paths.stats).items()},
         "markers": markers,
-        "record": {k: v for k, v in record.items() if k not in ("harvest_seconds", "completed_at")}
+        "record": {
+            k: v
+            for k, v in record.items()
+            if k not in ("harvest_seconds", "completed_at", "record_crc32c")
+        }
         | {"files": {k: v for k, v in record["files"].items() if k != "manifest.json"}},
         "manifest": {k: v for k, v in manifest.items() if k != "source"},
     }
