@@ -65,17 +65,19 @@ def seal_checkpoint(path_dir: Path) -> None:
     atomic_write_json(path_dir / CHECKSUMS_FILE, {"format": CHECKSUMS_FORMAT, "files": files})
 
 
-def verify_checkpoint(path_dir: Path) -> None:
+def verify_checkpoint(path_dir: Path, allow_legacy: bool = False) -> None:
     """Raise ``CheckpointError`` (naming the file) unless every file matches ``checksums.json``.
 
-    A checkpoint written before ``checksums.json`` existed is accepted when its weights
-    match the SHA-256 in its ``coder.json`` (and any optimizer state parses)."""
+    ``allow_legacy``: a coder saved before ``checksums.json`` existed is accepted when its
+    weights match the SHA-256 in its ``coder.json`` (for loading; training never resumes
+    from, or skips for, a checkpoint it cannot fully verify)."""
     path_dir = Path(path_dir)
     listing = path_dir / CHECKSUMS_FILE
     if not path_dir.is_dir():
         raise CheckpointError(f"{path_dir}: no such checkpoint directory")
     if not listing.is_file():
-        if (path_dir / CONFIG_FILE).is_file() and (path_dir / WEIGHTS_FILE).is_file():
+        legacy = (path_dir / CONFIG_FILE).is_file() and (path_dir / WEIGHTS_FILE).is_file()
+        if allow_legacy and legacy and not (path_dir / OPTIMIZER_FILE).exists():
             _verify_legacy(path_dir)
             return
         raise CheckpointError(f"{listing}: missing (the checkpoint was never completed)")
@@ -162,7 +164,7 @@ def load_coder(
     """Rebuild a coder from ``save_coder``'s output, on ``device``, in eval mode."""
     path_dir = Path(path_dir)
     if verify:
-        verify_checkpoint(path_dir)
+        verify_checkpoint(path_dir, allow_legacy=True)
     doc = read_coder_json(path_dir)
     weights = path_dir / WEIGHTS_FILE
     coder = build_coder(coder_config_from_dict(doc["config"]))
