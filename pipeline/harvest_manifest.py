@@ -146,14 +146,15 @@ class HookSpec(Strict):
     )
     point: HookPoint = Field("resid_post", description="Which activation of each block.")
 
-    @model_validator(mode="after")
-    def _check_layers(self) -> HookSpec:
-        if self.layers != "all":
-            if not self.layers:
-                raise ValueError("hooks.layers must name at least one layer")
-            if sorted(set(self.layers)) != list(self.layers) or min(self.layers) < 0:
-                raise ValueError("hooks.layers must be distinct, ascending, non-negative")
-        return self
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Literal["all"] | tuple[int, ...]):
+        if layers != "all":
+            if not layers:
+                raise ValueError("must name at least one layer")
+            if sorted(set(layers)) != list(layers) or min(layers) < 0:
+                raise ValueError(f"must be distinct, ascending, non-negative, not {list(layers)}")
+        return layers
 
 
 class StorageSpec(Strict):

@@ -395,7 +395,7 @@ CODER_CASES = {
     "string-bool": ("training: {centre: 'no'}\n", "'training.centre'"),
     "unknown-device": ("run: {device: tpu}\n", "'run.device'"),
     "runs-root-file": ("run: {runs_root: FILE}\n", "'run.runs_root'"),
-    "coder-field": ("coder: {kind: crosscoder, n_latents: -3}\n", "'coder.n_latents'"),
+    "coder-field": ("coder: {kind: crosscoder, n_latents: -3}\n", "n_latents'"),
     "yaml-syntax": ("training: [\n", "not valid yaml"),
 }
 
@@ -445,7 +445,8 @@ def test_bad_harvest_manifest_value_is_one_line(tmp_path, case):
     blocker.write_text("")
     path = tmp_path / "h.yaml"
     path.write_text("model: {source: random}\n" + text.replace("FILE", str(blocker)))
-    output = cli_error(["harvest", str(path), "--cache-root", str(tmp_path / "cache")])
+    root = [] if case == "cache-root-file" else ["--cache-root", str(tmp_path / "cache")]
+    output = cli_error(["harvest", str(path), *root])
     assert field in output
     assert not (tmp_path / "cache").exists()
 
@@ -455,14 +456,15 @@ def test_cache_root_option_pointing_at_a_file(tmp_path):
     path.write_text("model: {source: random}\n")
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    assert "--cache-root" in cli_error(["harvest", str(path), "--cache-root", str(blocker)])
+    output = cli_error(["harvest", str(path), "--cache-root", str(blocker / "cache")])
+    assert output.startswith(f"Error: --cache-root: {blocker} is not a directory")
 
 
 EXPERIMENT_CASES = {
     "judge": ("evaluation: {judge: nonsense}\n", "'evaluation.judge'"),
     "variant-coder": (
         "variants:\n  - {name: a, coder: {kind: crosscoder, n_latents: -1}}\n",
-        "'coder.n_latents'",
+        "n_latents'",
     ),
     "variant-layers": (
         "variants:\n  - {name: a, layers: [0, 9], coder: {kind: crosscoder}}\n",
