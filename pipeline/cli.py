@@ -137,7 +137,9 @@ def list_caches(cache_root: Path | None) -> None:
 @main.command()
 @click.argument("key")
 @cache_root_option
-@click.option("--verify", is_flag=True, help="Decode every chunk and check its checksum.")
+@click.option(
+    "--verify", is_flag=True, help="Check every file's and every decoded chunk's checksum."
+)
 @user_errors
 def show(key: str, cache_root: Path | None, verify: bool) -> None:
     """Show a cache's manifest and normalisation statistics.
@@ -159,7 +161,7 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
             f"{stats['mean'][j].norm():>10.3f}"
         )
     if verify:
-        click.echo("verified: every chunk matches its checksum")
+        click.echo("verified: every file and chunk matches its checksum")
 
 
 @main.command()

@@ -162,8 +162,9 @@ class CoderRun:
         if skipped and self.is_main:
             warn(f"{self.paths.root}: no valid checkpoint left; training from step 0")
         self.step = 0
-        if self.is_main:
+        if self.is_main:  # a fresh start keeps nothing of an earlier attempt's logs
             _truncate_log(self.paths.metrics, 0)
+            shutil.rmtree(self.paths.tensorboard, ignore_errors=True)
 
     def _load_checkpoint(self, directory: Path) -> None:
         verify_checkpoint(directory)

@@ -78,13 +78,12 @@ def store_layers(manifest: CoderManifest, store: ActivationStore) -> list[int]:
     return list(manifest.layers)
 
 
-def check_runnable(manifest: CoderManifest, store: ActivationStore) -> None:
+def check_runnable(manifest: CoderManifest, store: ActivationStore, train_tokens: int) -> None:
     """What only this machine and this store can tell, before any training starts."""
     label = f"coder manifest '{manifest.name}'"
     check_device(manifest.run.device, f"{label}: field 'run.device'")
     runs_root = manifest.run.runs_root or default_runs_root()
     check_writable_dir(runs_root, f"{label}: field 'run.runs_root'")
-    train_tokens = len(split_rows(store, "train"))
     if manifest.training.batch_size > train_tokens:
         raise ManifestError(
             f"{label}: field 'training.batch_size': {manifest.training.batch_size} is more than "
@@ -200,6 +199,7 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
     results = []
     opened: dict[tuple, ActivationStore] = {}  # variants of one cache: hash and open it once
     checked = []
+    train_tokens: dict[str, int] = {}
     for manifest, base in manifests:  # every manifest checked before any run starts
         ref = manifest.cache
         where = (ref.key or base / ref.harvest_manifest, ref.root)
@@ -208,7 +208,9 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
         store = opened[where]
         layers = store_layers(manifest, store)
         config = check_coder_section(manifest, len(layers), store.d_model, manifest.name)
-        check_runnable(manifest, store)
+        if store.key not in train_tokens:
+            train_tokens[store.key] = len(split_rows(store, "train"))
+        check_runnable(manifest, store, train_tokens[store.key])
         checked.append((manifest, store, layers, config))
     for manifest, store, layers, config in checked:
         paths = run_paths(manifest, store.key)

@@ -472,7 +472,7 @@ def test_show_verify(tiny_store, tiny_cache_root):
     assert "tokens 2048  d_model 64  dtype bfloat16" in result.output
     for layer in range(4):
         assert f"blocks.{layer}.hook_resid_post" in result.output
-    assert result.output.endswith("verified: every chunk matches its checksum\n")
+    assert result.output.endswith("verified: every file and chunk matches its checksum\n")
 
 
 def test_show_reports_store_errors_in_one_line(tiny_store, tmp_path):
