@@ -216,7 +216,8 @@ def run(
     """
     source = manifest_source or "harvest manifest"
     root = resolve_cache_root(manifest, cache_root)
-    check_device(manifest.run.device, f"{source}: field 'run.device'")
+    if scheduler is None:  # dask workers may have devices this coordinator lacks
+        check_device(manifest.run.device, f"{source}: field 'run.device'")
     where = "--cache-root" if cache_root is not None else f"{source}: field 'run.cache_root'"
     check_writable_dir(root, where)
     material = key_material(manifest)  # hashes the model and text files: once per harvest

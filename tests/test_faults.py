@@ -532,15 +532,17 @@ def test_store_and_checkpoint_faults_on_the_real_model(tmp_path, monkeypatch, ca
     ActivationStore(store, verify=True)
 
     clean, faulty = tmp_path / "clean", tmp_path / "faulty"
+    manifest = run_manifest(store, tokens=3200, checkpoint_every=10)  # 50 steps
     for where in (clean, faulty):
         where.mkdir()
         monkeypatch.chdir(where)
-        train.run([(run_manifest(store, tokens=3200, checkpoint_every=10), where)])
-    root = run_dir(faulty, store)
+        train.run([(manifest, where)])
+    root = faulty / "runs" / store.name / manifest.run_hash()
     shutil.rmtree(RunPaths(root).final)
     flip(RunPaths(root).checkpoints()[0] / "optimizer.safetensors")
     capsys.readouterr()
-    retrain_result = train.run([(run_manifest(store, tokens=3200, checkpoint_every=10), faulty)])
-    assert retrain_result[0].steps == 50
+    (resumed,) = train.run([(manifest, faulty)])
+    assert resumed.steps == 50
     assert "skipping checkpoint checkpoint-000000040" in capsys.readouterr().err
-    assert digest(RunPaths(root).final) == digest(RunPaths(run_dir(clean, store)).final)
+    reference = clean / "runs" / store.name / manifest.run_hash()
+    assert_same_as_reference(root, reference)
