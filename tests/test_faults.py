@@ -146,6 +146,19 @@ def test_damaged_completion_record_is_named(tiny_store, tmp_path, how):
     assert one_line(str(caught.value)).startswith(f"{record}: ")
 
 
+def test_store_from_before_file_checksums_still_opens(tiny_store, tmp_path):
+    """Older stores (no ``files`` / ``record_crc32c``) open with their chunk checks."""
+    store = copy_store(tiny_store, tmp_path)
+    record = StorePaths(store).completion
+    data = json.loads(record.read_text())
+    del data["files"], data["record_crc32c"]
+    record.write_text(json.dumps(data))
+    ActivationStore(store, verify=True)
+    truncate(store / STORE_FILES["chunk"])
+    with pytest.raises(StoreError, match="truncated"):
+        ActivationStore(store)
+
+
 def test_cli_show_verify_names_the_damaged_file(tiny_store, tmp_path):
     store = copy_store(tiny_store, tmp_path)
     flip(store / "tokens.parquet")
