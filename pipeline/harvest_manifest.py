@@ -11,10 +11,12 @@ is unused.
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.manifest_io import load_manifest
 
@@ -22,8 +24,55 @@ Language = Literal["en", "fr", "es"]
 HOOK_POINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 
 
+def kind_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is the wrong kind for ``annotation`` (``None`` when it is fine).
+
+    Pydantic's lax mode turns ``"64"`` into 64 and ``1e6`` into an int; a manifest should
+    say what it means, so numbers and booleans must be written as such. Lists still fill
+    tuple fields (YAML has no tuples); other types are left to pydantic."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        problems = [kind_problem(arm, value) for arm in typing.get_args(annotation)]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(dict.fromkeys(p.removeprefix("must be ") for p in problems)).join(
+            ("must be ", "")
+        )
+    if origin is Literal:
+        options = typing.get_args(annotation)
+        return None if value in options else f"must be one of {', '.join(map(repr, options))}"
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return f"must be a list, not {value!r}"
+        items = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if len(items) == 1 and items[0] in (int, float, bool):  # pydantic names the rest
+            for index, item in enumerate(value):
+                if problem := kind_problem(items[0], item):
+                    return f"item {index} {problem}"
+        return None
+    if annotation is type(None):
+        return None if value is None else "must be null"
+    if annotation is bool and not isinstance(value, bool):
+        return f"must be true or false, not {value!r}"
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, not {value!r}"
+    if annotation is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return f"must be a number, not {value!r}"
+    return None
+
+
 class Strict(BaseModel):
+    """Frozen, no unknown fields, and no coercion of strings or floats into numbers."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_kinds(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and (problem := kind_problem(field.annotation, value)):
+            raise ValueError(problem)
+        return value
 
 
 class PlantedSpec(Strict):
@@ -209,14 +258,15 @@ class HookSpec(Strict):
         """The hook's name after ``blocks.N.``."""
         return self.point if "." in self.point else f"hook_{self.point}"
 
-    @model_validator(mode="after")
-    def _check_layers(self) -> HookSpec:
-        if self.layers != "all":
-            if not self.layers:
-                raise ValueError("hooks.layers must name at least one layer")
-            if sorted(set(self.layers)) != list(self.layers) or min(self.layers) < 0:
-                raise ValueError("hooks.layers must be distinct, ascending, non-negative")
-        return self
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Literal["all"] | tuple[int, ...]):
+        if layers != "all":
+            if not layers:
+                raise ValueError("must name at least one layer")
+            if sorted(set(layers)) != list(layers) or min(layers) < 0:
+                raise ValueError(f"must be distinct, ascending, non-negative, not {list(layers)}")
+        return layers
 
 
 class StorageSpec(Strict):

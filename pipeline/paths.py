@@ -129,6 +129,11 @@ class RunPaths:
         return self.root / "final"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one ``pipeline train`` that trains this run (removed on exit)."""
+        return self.root / "train.lock"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache_key import canonical_json
 from pipeline.harvest_manifest import Strict
@@ -113,6 +113,16 @@ class CoderManifest(Strict):
     )
     training: TrainingSpec = TrainingSpec()
     run: TrainRunSpec = TrainRunSpec()
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Literal["all"] | tuple[int, ...]):
+        if layers != "all":
+            if not layers:
+                raise ValueError("must name at least one hook")
+            if min(layers) < 0 or sorted(set(layers)) != list(layers):
+                raise ValueError(f"must be distinct, ascending, non-negative, not {list(layers)}")
+        return layers
 
     def run_hash(self) -> str:
         """Hash of what decides the weights (not the name, not ``run``)."""

@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from filelock import FileLock
 from tqdm import tqdm
 
 from pipeline.cache_key import hash_material, key_material
 from pipeline.harvest_manifest import HarvestManifest
+from pipeline.locks import exclusive_lock
+from pipeline.manifest_io import check_device, check_writable_dir
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import (
     StorePaths,
@@ -222,14 +223,19 @@ def run(
     ``scheduler`` (a dask address, or ``local:N``) spreads the blocks over dask workers;
     ``shard_blocks`` is the number of blocks per task there (default: automatic).
     """
+    source = manifest_source or "harvest manifest"
+    root = resolve_cache_root(manifest, cache_root)
+    if scheduler is None:  # dask workers may have devices this coordinator lacks
+        check_device(manifest.run.device, f"{source}: field 'run.device'")
+    where = "--cache-root" if cache_root is not None else f"{source}: field 'run.cache_root'"
+    check_writable_dir(root, where)
     material = key_material(manifest)  # hashes the model and text files: once per harvest
     key = hash_material(material)
-    root = resolve_cache_root(manifest, cache_root)
     final = store_dir(root, key)
     if StorePaths(final).completion.is_file():
         return HarvestResult(key, final, cache_hit=True)
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store_lock(root, key))):
+    with exclusive_lock(store_lock(root, key)):  # waits; the lock file goes on exit
         if StorePaths(final).completion.is_file():  # another process finished it meanwhile
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()

@@ -99,11 +99,8 @@ def test_variant_errors_name_the_variant(tmp_path):
         "name: bad\nharvest: h.yaml\nvariants:\n"
         "  - name: a\n    coder: {kind: crosscoder}\n    trainng: {}\n"
     )
-    experiment_manifest, base = load_experiment(bad)
-    from pipeline.experiment_manifest import variant_manifests
-
     with pytest.raises(ManifestError, match=r"variants\[0\] 'a'.*field 'trainng': unknown field"):
-        variant_manifests(experiment_manifest, base, str(bad))
+        load_experiment(bad)  # before anything is harvested
 
 
 def test_missing_harvest_file_is_named(tmp_path):

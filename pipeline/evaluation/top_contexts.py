@@ -16,10 +16,8 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.coders.base import Coder
 from pipeline.token_text import REPLACEMENT, decode_pieces
 
-ActivationFn = Callable[[np.ndarray], np.ndarray]  # contiguous token rows -> activations
 Decode = Callable[[list[int]], str]  # token ids -> text (a tokenizer's ``decode``)
 
 
@@ -145,34 +143,3 @@ def format_context(texts: list[str], active: np.ndarray) -> str:
         else:
             out.append(text)
     return "".join(out).strip()
-
-
-def coder_activations(
-    coder: Coder, read: Callable[[int, int], Tensor], latent: int
-) -> ActivationFn:
-    """Activations of ``latent`` on contiguous rows, reading normalised ``x`` via ``read``."""
-
-    @torch.no_grad()
-    def activations(rows: np.ndarray) -> np.ndarray:
-        x = read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
-        return coder.encode(x)[:, latent].float().cpu().numpy()
-
-    return activations
-
-
-def latent_contexts(
-    view: TokenView,
-    top_rows: np.ndarray,
-    activations: ActivationFn | None = None,
-    before: int = 12,
-    after: int = 4,
-) -> list[str]:
-    """One marked string per top row; without ``activations`` only the top token is marked."""
-    contexts = []
-    for row in top_rows.tolist():
-        if row < 0:
-            continue
-        rows = window_rows(view, row, before, after)
-        active = rows == row if activations is None else (activations(rows) > 0) | (rows == row)
-        contexts.append(format_context(view.texts(rows), active))
-    return contexts
