@@ -8,6 +8,8 @@ Layout::
       cache/<key>/                      a finished activation store (StorePaths)
       cache/<key>.incomplete/           a store being harvested (resumable)
       cache/<key>.lock                  held while harvesting
+      decoded/<key>-<digest>.bin        one split of a store, uncompressed (loader memmap
+                                        mode; a cache: delete the .bin and .json to remove)
       runs/<key>/<coder-hash>/          a training run (RunPaths)
       runs/<key>/<coder-hash>/evaluation/   that run's latest evaluation (EvaluationPaths)
       reports/<key>-<digest>/           a side-by-side evaluation report (ReportPaths)
@@ -42,6 +44,13 @@ def default_runs_root() -> Path:
 
 def default_reports_root() -> Path:
     return Path(os.environ.get("FMX_REPORTS_DIR", data_dir() / "reports"))
+
+
+def decoded_split_file(store_key: str, digest: str) -> Path:
+    """The loader's uncompressed copy of one split of a store (its record: ``.json``
+    beside it). Outside the store directory, so the store stays read-only and verifiable."""
+    root = Path(os.environ.get("FMX_DECODED_DIR", data_dir() / "decoded"))
+    return root / f"{store_key}-{digest}.bin"
 
 
 def store_dir(cache_root: Path, key: str) -> Path:
@@ -121,6 +130,11 @@ class RunPaths:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def loader(self) -> Path:
+        """The loader mode this run's latest session used, and why (stages/train.py)."""
+        return self.root / "loader.json"
 
     @property
     def tensorboard(self) -> Path:

@@ -22,6 +22,7 @@ from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.store import ActivationStore, StoreError
+from pipeline.store_format import atomic_write_json
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
 
@@ -182,7 +183,12 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             device=signature[-1],
             centre=spec.centre,
             mode=manifest.run.loader_mode,
+            resident_max_bytes=manifest.run.resident_max_bytes,
+            verbose=dist is None or dist.is_main,
         )
+        for run in runs:
+            if run.is_main:
+                atomic_write_json(run.paths.loader, loader.describe())
         if dist is not None:
             dist.check_batches(loader.n_tokens, spec.batch_size)
         try:
