@@ -175,21 +175,28 @@ def main() -> None:
         "workers": args.workers,
         "stream_shuffle_window_tokens": min(stream.describe()["window_rows"], stream.n_tokens),
     }
-    decode_rate = decode_only_rows_per_second(stream)
-    raw_rate = raw_rows_per_second(data)
-    gather_rate = shuffled_gather_rows_per_second(data, args.batch, store.dtype)
-    figures |= {
-        "decode_only_rows_per_s": decode_rate,
-        "raw_memmap_sequential_rows_per_s": raw_rate,
-        "raw_memmap_shuffled_gather_rows_per_s": gather_rate,
+    for each in loaders.values():  # first epochs: resident decodes, memmap pages in
+        figures[f"{each.mode}_first_epoch_rows_per_s"] = epoch_rows_per_second(each, 0)
+    measures = {
+        "decode_only": lambda _: decode_only_rows_per_second(stream),
+        "raw_memmap_sequential": lambda _: raw_rows_per_second(data),
+        "raw_memmap_shuffled_gather": lambda _: shuffled_gather_rows_per_second(
+            data, args.batch, store.dtype
+        ),
     }
     for mode, each in loaders.items():
-        first = epoch_rows_per_second(each, 0)
-        warm = epoch_rows_per_second(each, 1)
-        figures[f"{mode}_first_epoch_rows_per_s"] = first
-        figures[f"{mode}_rows_per_s"] = warm
-        figures[f"{mode}_vs_decode_only"] = warm / decode_rate
-        figures[f"{mode}_vs_raw"] = warm / raw_rate
+        # successive epochs, as training runs them (stream decodes the next one ahead)
+        measures[mode] = lambda epoch, each=each: epoch_rows_per_second(each, epoch)
+    samples: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):  # interleaved, medians: a shared machine drifts
+        for name, measure in measures.items():
+            samples.setdefault(name, []).append(measure(round_ + 1))
+    rate = {name: statistics.median(values) for name, values in samples.items()}
+    for name, value in rate.items():
+        figures[f"{name}_rows_per_s"] = value
+    for mode in MODES:
+        figures[f"{mode}_vs_decode_only"] = rate[mode] / rate["decode_only"]
+        figures[f"{mode}_vs_raw"] = rate[mode] / rate["raw_memmap_sequential"]
 
     keys = row_documents(store, stream)
     perfect = perfect_shuffle_documents(keys, args.batch)

@@ -89,7 +89,7 @@ class StreamReader(Reader):
         to_skip = skip_batches * self.batch_size
         while windows and to_skip >= windows[0][2]:  # resume: skip whole windows undecoded
             to_skip -= windows.pop(0)[2]
-        for key in [k for k in self._ahead if k[0] < epoch]:  # stale look-ahead
+        for key in [k for k in self._ahead if k[0] != epoch]:  # look-ahead of another epoch
             self._ahead.pop(key).cancel()
         if windows:
             self._submit(epoch, windows[0][1])
