@@ -70,6 +70,16 @@ def epoch_rows_per_second(loader: ActivationLoader, epoch: int) -> float:
     return seen / (time.perf_counter() - started)
 
 
+def fresh_stream_rows_per_second(make, epochs: int) -> float:
+    each = make()
+    started = time.perf_counter()
+    seen = sum(batch.shape[0] for epoch in range(epochs) for batch in each.epoch(epoch))
+    sync(each.device)
+    rate = seen / (time.perf_counter() - started)
+    each.close()
+    return rate
+
+
 def row_documents(store: ActivationStore, loader: ActivationLoader) -> dict[bytes, int]:
     """Key (bf16 bits of 8 coordinates of the last layer) -> document id, for the split."""
     tokens = store.tokens(columns=["doc_id"])["doc_id"].to_numpy()
@@ -184,9 +194,11 @@ def main() -> None:
             data, args.batch, store.dtype
         ),
     }
-    for mode, each in loaders.items():
-        # successive epochs, as training runs them (stream decodes the next one ahead)
-        measures[mode] = lambda epoch, each=each: epoch_rows_per_second(each, epoch)
+    for mode in ("resident", "memmap"):
+        measures[mode] = lambda epoch, each=loaders[mode]: epoch_rows_per_second(each, epoch)
+    # stream: a fresh loader per sample, two epochs timed together, so its look-ahead decode
+    # overlaps only its own consumption (never the other measurements)
+    measures["stream"] = lambda _: fresh_stream_rows_per_second(lambda: loader("stream"), 2)
     samples: dict[str, list[float]] = {}
     for round_ in range(args.rounds):  # interleaved, medians: a shared machine drifts
         for name, measure in measures.items():
