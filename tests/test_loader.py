@@ -210,3 +210,13 @@ def test_stream_window_defaults_to_a_million_tokens_when_ram_allows(monkeypatch)
     assert budget.stream_window_rows(row_bytes=1000) >= 1 << 20
     monkeypatch.setattr(budget, "available_ram", lambda: 1 << 30)  # 1M rows would not fit
     assert budget.stream_window_rows(row_bytes=1000) < 1 << 20
+
+
+def test_stream_look_ahead_serves_the_same_next_epoch(store):
+    """The next epoch's first window, decoded ahead, equals a fresh decode of it."""
+    ahead = ActivationLoader(store, batch_size=40, mode="stream", buffer_chunks=2, seed=6)
+    fresh = ActivationLoader(store, batch_size=40, mode="stream", buffer_chunks=2, seed=6)
+    list(ahead.epoch(0))
+    assert ahead.reader._ahead  # epoch 1's first window was submitted during epoch 0
+    for a, b in zip(ahead.epoch(1), fresh.epoch(1), strict=True):
+        assert torch.equal(a, b)
