@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,6 +69,28 @@ def bits_to_float32(stored: np.ndarray, dtype: str) -> torch.Tensor:
         widened <<= 16
         return torch.from_numpy(widened.view(np.float32))
     return torch.from_numpy(stored.astype(np.float32))
+
+
+def prefetched(
+    pool: ThreadPoolExecutor, tasks: Iterable[Callable[[], torch.Tensor]], depth: int
+) -> Iterator[torch.Tensor]:
+    """Run ``tasks`` in ``pool`` up to ``depth`` ahead of the consumer, yield in order."""
+    tasks = iter(tasks)
+    pending: deque[Future] = deque()
+
+    def top_up() -> None:
+        while len(pending) < depth and (task := next(tasks, None)) is not None:
+            pending.append(pool.submit(task))
+
+    top_up()
+    try:
+        while pending:
+            result = pending.popleft().result()
+            top_up()
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 class ChunkDecoder:

@@ -9,9 +9,9 @@ CPU the gathering thread also widens bf16 bits and normalises, so the consumer o
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from pipeline.readers.base import (
     Normaliser,
     Reader,
     bits_to_float32,
+    prefetched,
     seeded_generator,
 )
 
@@ -65,30 +66,14 @@ class MemmapReader(Reader):
     def epoch(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
         order = torch.randperm(self.file.shape[0], generator=seeded_generator(self.seed, epoch))
         order = order.numpy()
-        starts = iter(range(skip_batches * self.batch_size, order.size, self.batch_size))
-        pending: deque[Future] = deque()
-
-        def top_up() -> None:
-            while len(pending) < self.prefetch:
-                start = next(starts, None)
-                if start is None:
-                    return
-                rows = order[start : start + self.batch_size]
-                pending.append(self.pool.submit(self._gather, rows))
-
-        top_up()
-        try:
-            while pending:
-                batch = pending.popleft().result()
-                top_up()
-                if self.device.type == "cpu":
-                    yield batch
-                else:
-                    on_device = batch.to(self.device, non_blocking=self.device.type == "cuda")
-                    yield self.normaliser.apply(on_device)
-        finally:
-            for future in pending:
-                future.cancel()
+        starts = range(skip_batches * self.batch_size, order.size, self.batch_size)
+        tasks = (partial(self._gather, order[start : start + self.batch_size]) for start in starts)
+        for batch in prefetched(self.pool, tasks, self.prefetch):
+            if self.device.type == "cpu":
+                yield batch
+            else:
+                on_device = batch.to(self.device, non_blocking=self.device.type == "cuda")
+                yield self.normaliser.apply(on_device)
 
     def describe(self) -> dict:
         return {"file": str(self.file.path), "file_bytes": self.file.n_bytes, "built": self.built}

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import torch
 
-from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, seeded_generator
+from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, prefetched, seeded_generator
 
 
 class ResidentReader(Reader):
@@ -29,6 +31,7 @@ class ResidentReader(Reader):
         self.seed = seed
         self.device = device
         self._data: torch.Tensor | None = None
+        self.pool = ThreadPoolExecutor(max_workers=2)
 
     def data(self) -> torch.Tensor:
         if self._data is None:
@@ -40,8 +43,18 @@ class ResidentReader(Reader):
         data = self.data()
         order = torch.randperm(data.shape[0], generator=seeded_generator(self.seed, epoch))
         order = order.to(self.device)
-        for start in range(skip_batches * self.batch_size, data.shape[0], self.batch_size):
-            yield self.normaliser.apply(data[order[start : start + self.batch_size]])
+        starts = range(skip_batches * self.batch_size, data.shape[0], self.batch_size)
+        if self.device.type != "cpu":  # queued on the device: nothing to overlap here
+            for start in starts:
+                yield self.normaliser.apply(data[order[start : start + self.batch_size]])
+            return
+        # on the CPU, gather and normalise in threads while the consumer steps
+
+        def batch(start: int) -> torch.Tensor:
+            return self.normaliser.apply(data[order[start : start + self.batch_size]])
+
+        yield from prefetched(self.pool, (partial(batch, start) for start in starts), 4)
 
     def close(self) -> None:
         self._data = None
+        self.pool.shutdown(wait=False)
