@@ -92,8 +92,15 @@ class TrainRunSpec(Strict):
 
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
     runs_root: str | None = Field(None, description="Runs root; default $FMX_RUNS_DIR.")
-    loader_mode: Literal["auto", "resident", "stream"] = Field(
-        "auto", description="Keep the split on the device, or stream chunks."
+    loader_mode: Literal["auto", "resident", "memmap", "stream"] = Field(
+        "auto",
+        description="Keep the split on the device, serve it from a decoded file beside the "
+        "caches, or stream chunks; auto picks by the device, RAM and disk budgets.",
+    )
+    resident_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Cap for auto's resident mode; default half the device's free memory.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     wandb: WandbSpec | None = Field(

@@ -38,6 +38,7 @@ from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning
 from pipeline.store import ActivationStore, StoreError
+from pipeline.store_format import atomic_write_json
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
 from pipeline.validation import held_out_terms, validation_sample
@@ -327,6 +328,8 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             centre=spec.centre,
             mode=manifest.run.loader_mode,
             validation_fraction=spec.validation_fraction,
+            resident_max_bytes=manifest.run.resident_max_bytes,
+            verbose=dist is None or dist.is_main,
         )
         held_out = validation_sample(
             store,
@@ -336,6 +339,9 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             centre=spec.centre,
             device=torch.device(signature[-1]),
         )
+        for run in runs:
+            if run.is_main:
+                atomic_write_json(run.paths.loader, loader.describe())
         if dist is not None:
             dist.check_batches(loader.n_tokens, spec.batch_size)
         try:
