@@ -29,7 +29,13 @@ from pipeline.protocol import (
     lr_sweep_runs,
     protocol_runs,
 )
-from pipeline.results_table import protocol_table, render_frontier, render_markdown
+from pipeline.results_table import (
+    protocol_table,
+    recovery_table,
+    render_frontier,
+    render_markdown,
+    render_recovery,
+)
 from pipeline.store_format import atomic_write_json
 from stages import evaluate, harvest, train
 
@@ -146,7 +152,7 @@ def run(
     for row in summary["variants"]:
         row["protocol"] = labels.get(row["run_dir"])
     table = protocol_table(summary)
-    markdown = render_markdown(table, summary, lr_sweep)
+    markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
     frontier = _frontier(planned, run_dirs)
     if frontier:
         atomic_write_json(root / "frontier.json", frontier)
