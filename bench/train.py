@@ -1,12 +1,16 @@
-"""Benchmark the train path, all ratios measured in one run on one machine.
+"""Benchmark the train path: every loader mode against its ceilings, in one run.
 
-1. loader tokens/s (stream mode: whole compressed chunks, decoded in threads, shuffled)
-   vs a raw sequential read of the same rows from an uncompressed np.memmap;
-2. training steps/s fed from the store (resident, and stream) vs fed from batches
-   already on the device (target >= 0.9: the loader never starves the device);
-3. fmxcoder (shared layer basis, rank R) step time vs the dense crosscoder at equal m.
+1. loader rows/s per mode (resident, memmap, stream) on the training split, against
+   (a) decoding the same chunks and nothing else (the store's own reader, same threads) and
+   (b) a raw sequential read of the decoded uint16 file (the memmap mode's own file);
+2. shuffle quality: distinct documents per batch, against the expectation for a perfect
+   shuffle (stream's window, and the old 4-chunk window for comparison);
+3. training steps/s fed by each mode vs fed by batches already on the device, for the
+   dense crosscoder and the fmxcoder (target >= 0.95: the loader never starves the device).
 
-    python bench/train.py --harvest manifests/harvest/smollm2-wiki-smoke.yaml
+Ratios, not absolute speeds: the machine may be shared (load averages are recorded).
+
+    python bench/train.py --harvest manifests/harvest/smollm2-wiki-cpu-large.yaml
 """
 
 from __future__ import annotations
@@ -14,50 +18,99 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import device_name, sync
+from common import device_name, load_average, sync
 
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
+from pipeline.readers.base import bits_to_float32
 from pipeline.store import ActivationStore
 from stages import harvest
 
-
-def raw_memmap_rows_per_second(store: ActivationStore, layers: list[int], rows: int) -> float:
-    """Write the rows uncompressed once, then time a sequential memmap read of them."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "raw.u16"
-        shape = (rows, len(layers), store.d_model)
-        out = np.memmap(path, dtype=np.uint16, mode="w+", shape=shape)
-        for chunk in range(store.n_chunks):
-            start, stop = store.chunk_rows(chunk)
-            if start >= rows:
-                break
-            stop = min(stop, rows)
-            out[start:stop] = store.read_stored(start, stop, layers)
-        out.flush()
-        del out
-        data = np.memmap(path, dtype=np.uint16, mode="r", shape=shape)
-        started = time.perf_counter()
-        block = 4096
-        total = 0
-        for start in range(0, rows, block):
-            total += int(np.array(data[start : start + block])[:, 0, 0].sum() >= 0)
-        return rows / (time.perf_counter() - started)
+MODES = ("resident", "memmap", "stream")
 
 
-def loader_tokens_per_second(loader: ActivationLoader) -> float:
+def decode_only_rows_per_second(loader: ActivationLoader) -> float:
+    """Every chunk of the split decoded (storage dtype), nothing else: the codec's ceiling."""
+    chunks = [c for c in range(loader.store.n_chunks) if len(loader.decoder.chunk_rows[c])]
     started = time.perf_counter()
-    seen = sum(batch.shape[0] for batch in loader.epoch(0))
+    rows = sum(loader.decoder.decode([chunk], None).shape[0] for chunk in chunks)
+    return rows / (time.perf_counter() - started)
+
+
+def raw_rows_per_second(data: np.memmap, block: int = 4096) -> float:
+    """A sequential read of the decoded file into fresh arrays (after one warming pass)."""
+    for start in range(0, data.shape[0], block):
+        np.array(data[start : start + block])
+    started = time.perf_counter()
+    for start in range(0, data.shape[0], block):
+        np.array(data[start : start + block])
+    return data.shape[0] / (time.perf_counter() - started)
+
+
+def shuffled_gather_rows_per_second(data: np.memmap, batch: int, dtype: str) -> float:
+    """Sorted random-row gathers widened to float32, single thread: the memmap mode's work."""
+    order = np.random.default_rng(0).permutation(data.shape[0])
+    started = time.perf_counter()
+    for start in range(0, order.size, batch):
+        bits_to_float32(data[np.sort(order[start : start + batch])], dtype)
+    return data.shape[0] / (time.perf_counter() - started)
+
+
+def epoch_rows_per_second(loader: ActivationLoader, epoch: int) -> float:
+    started = time.perf_counter()
+    seen = sum(batch.shape[0] for batch in loader.epoch(epoch))
     sync(loader.device)
     return seen / (time.perf_counter() - started)
+
+
+def fresh_stream_rows_per_second(make, epochs: int) -> float:
+    each = make()
+    started = time.perf_counter()
+    seen = sum(batch.shape[0] for epoch in range(epochs) for batch in each.epoch(epoch))
+    sync(each.device)
+    rate = seen / (time.perf_counter() - started)
+    each.close()
+    return rate
+
+
+def row_documents(store: ActivationStore, loader: ActivationLoader) -> dict[bytes, int]:
+    """Key (bf16 bits of 8 coordinates of the last layer) -> document id, for the split."""
+    tokens = store.tokens(columns=["doc_id"])["doc_id"].to_numpy()
+    layer = loader.layers[-1]
+    keys: dict[bytes, int] = {}
+    for chunk, rows in enumerate(loader.decoder.chunk_rows):
+        if len(rows):
+            start, stop = store.chunk_rows(chunk)
+            values = store.arrays[layer][start:stop][rows - start, :8]
+            keys.update(zip(map(bytes, values), tokens[rows].tolist(), strict=True))
+    return keys
+
+
+def distinct_documents(loader: ActivationLoader, keys: dict[bytes, int], batches: int) -> float:
+    """Mean distinct documents in the first ``batches`` full batches of epoch 0."""
+    counts = []
+    for batch in loader.epoch(0):
+        if len(counts) == batches or batch.shape[0] < loader.batch_size:
+            break
+        raw = loader.normaliser.invert(batch)[:, -1, :8].to(torch.bfloat16).cpu()
+        bits = raw.view(torch.int16).numpy().view(np.uint16)
+        counts.append(len({keys.get(bytes(row), -1) for row in bits}))
+    return float(np.mean(counts))
+
+
+def perfect_shuffle_documents(keys: dict[bytes, int], batch: int) -> float:
+    """Expected distinct documents in ``batch`` rows drawn uniformly from the split."""
+    sizes = np.bincount(np.fromiter(keys.values(), dtype=np.int64)).astype(np.float64)
+    sizes = sizes[sizes > 0]
+    total = sizes.sum()
+    return float(np.sum(1 - (1 - sizes / total) ** batch))
 
 
 def steps_per_second(coder, batches, steps: int, device: torch.device) -> float:
@@ -76,111 +129,136 @@ def steps_per_second(coder, batches, steps: int, device: torch.device) -> float:
     return steps / (time.perf_counter() - started)
 
 
+def endless(loader: ActivationLoader):
+    epoch = 0
+    while True:
+        yield from loader.epoch(epoch)
+        epoch += 1
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--harvest", default="manifests/harvest/smollm2-wiki-smoke.yaml")
-    parser.add_argument("--layers", default="2,5,8,11,14,17,20,23,26,29")
+    parser.add_argument("--harvest", default="manifests/harvest/smollm2-wiki-cpu-large.yaml")
+    parser.add_argument("--layers", default="all", help="store hook indices, or 'all'")
     parser.add_argument("--latents", type=int, default=1024)
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--rank", type=int, default=3)
     parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
+    parser.add_argument("--workers", type=int, default=2, help="loader decode threads")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--quality-batches", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
     device = resolve_device(args.device)
-    result = harvest.run(load_harvest_manifest(args.harvest))
-    store = ActivationStore(result.path)
-    layers = [int(x) for x in args.layers.split(",")] if args.layers != "all" else None
-    layers = layers or list(range(store.n_layers))
+    load_before = load_average()
+    store = ActivationStore(harvest.run(load_harvest_manifest(args.harvest)).path)
+    layers = None if args.layers == "all" else [int(x) for x in args.layers.split(",")]
 
-    stream = ActivationLoader(
-        store, batch_size=args.batch, layers=layers, split="all", mode="stream", device=device
-    )
-    raw_rate = raw_memmap_rows_per_second(store, layers, stream.n_tokens)
-    stream_rate = loader_tokens_per_second(stream)
-    resident = ActivationLoader(
-        store, batch_size=args.batch, layers=layers, split="train", mode="resident", device=device
-    )
-    first_epoch = loader_tokens_per_second(resident)
-    warm_epoch = loader_tokens_per_second(resident)
+    def loader(mode: str, **extra) -> ActivationLoader:
+        return ActivationLoader(
+            store,
+            batch_size=args.batch,
+            layers=layers,
+            split="train",
+            mode=mode,
+            device=device,
+            workers=args.workers,
+            **extra,
+        )
 
-    common = {"n_layers": len(layers), "d_model": store.d_model, "n_latents": args.latents}
-    common |= {"activation": "topk", "k": args.k}
-    dense = build_coder(coder_config_from_dict({"kind": "crosscoder", **common})).to(device)
-    fmx_config = {
-        "kind": "fmxcoder",
-        "encoder_factorization": "shared_basis",
-        "decoder_factorization": "shared_basis",
-        "rank": args.rank,
-        **common,
+    loaders = {mode: loader(mode) for mode in MODES}
+    stream = loaders["stream"]
+    memmap_file = loaders["memmap"].reader.file
+    data = memmap_file.open()
+    figures: dict[str, object] = {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "store": store.key,
+        "layers": len(stream.layers),
+        "d_model": store.d_model,
+        "chunk_tokens": store.chunk_tokens,
+        "train_tokens": stream.n_tokens,
+        "batch": args.batch,
+        "workers": args.workers,
+        "stream_shuffle_window_tokens": min(stream.describe()["window_rows"], stream.n_tokens),
     }
+    for each in loaders.values():  # first epochs: resident decodes, memmap pages in
+        figures[f"{each.mode}_first_epoch_rows_per_s"] = epoch_rows_per_second(each, 0)
+    measures = {
+        "decode_only": lambda _: decode_only_rows_per_second(stream),
+        "raw_memmap_sequential": lambda _: raw_rows_per_second(data),
+        "raw_memmap_shuffled_gather": lambda _: shuffled_gather_rows_per_second(
+            data, args.batch, store.dtype
+        ),
+    }
+    for mode in ("resident", "memmap"):
+        measures[mode] = lambda epoch, each=loaders[mode]: epoch_rows_per_second(each, epoch)
+    # stream: a fresh loader per sample, two epochs timed together, so its look-ahead decode
+    # overlaps only its own consumption (never the other measurements)
+    measures["stream"] = lambda _: fresh_stream_rows_per_second(lambda: loader("stream"), 2)
+    samples: dict[str, list[float]] = {}
+    for round_ in range(args.rounds):  # interleaved, medians: a shared machine drifts
+        for name, measure in measures.items():
+            samples.setdefault(name, []).append(measure(round_ + 1))
+    rate = {name: statistics.median(values) for name, values in samples.items()}
+    for name, value in rate.items():
+        figures[f"{name}_rows_per_s"] = value
+    for mode in MODES:
+        figures[f"{mode}_vs_decode_only"] = rate[mode] / rate["decode_only"]
+        figures[f"{mode}_vs_raw"] = rate[mode] / rate["raw_memmap_sequential"]
+
+    keys = row_documents(store, stream)
+    perfect = perfect_shuffle_documents(keys, args.batch)
+    four_chunks = loader("stream", buffer_chunks=4)
+    figures["perfect_shuffle_documents_per_batch"] = perfect
+    for name, each in (*loaders.items(), ("stream_4_chunks", four_chunks)):
+        distinct = distinct_documents(each, keys, args.quality_batches)
+        figures[f"{name}_documents_per_batch"] = distinct
+        figures[f"{name}_shuffle_quality"] = distinct / perfect
+    four_chunks.close()
+
+    common = {"n_layers": len(stream.layers), "d_model": store.d_model}
+    common |= {"n_latents": args.latents, "activation": "topk", "k": args.k}
+    dense = build_coder(coder_config_from_dict({"kind": "crosscoder", **common})).to(device)
+    fmx_config = {"kind": "fmxcoder", "rank": args.rank, **common}
+    fmx_config |= {"encoder_factorization": "shared_basis", "decoder_factorization": "shared_basis"}
     fmx = build_coder(coder_config_from_dict(fmx_config)).to(device)
-
-    def store_batches():
-        epoch = 0
-        while True:
-            yield from resident.epoch(epoch)
-            epoch += 1
-
     synthetic = [
-        torch.randn(args.batch, len(layers), store.d_model, device=device) for _ in range(8)
+        torch.randn(args.batch, len(stream.layers), store.d_model, device=device) for _ in range(8)
     ]
 
     def device_batches():
         while True:
             yield from synthetic
 
-    def stream_batches():
-        epoch = 0
-        while True:
-            yield from stream.epoch(epoch)
-            epoch += 1
-
-    # Interleaved rounds, medians: a shared machine drifts between measurements.
+    feeds = {mode: (lambda each=each: endless(each)) for mode, each in loaders.items()}
+    feeds["device"] = device_batches
     rates: dict[str, list[float]] = {}
-    feeds = {"store": store_batches, "stream": stream_batches, "device": device_batches}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds):  # interleaved, medians: a shared machine drifts
         for coder_name, coder in (("crosscoder", dense), ("fmxcoder", fmx)):
             for feed, batches in feeds.items():
                 rate = steps_per_second(coder, batches(), args.steps, device)
                 rates.setdefault(f"{coder_name}_{feed}", []).append(rate)
     median = {name: statistics.median(values) for name, values in rates.items()}
-    dense_store, dense_device = median["crosscoder_store"], median["crosscoder_device"]
-    fmx_store, fmx_device = median["fmxcoder_store"], median["fmxcoder_device"]
-
-    figures = {
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "store": store.key,
-        "layers": len(layers),
-        "d_model": store.d_model,
-        "batch": args.batch,
-        "latents": args.latents,
-        "rank": args.rank,
-        "raw_memmap_rows_per_s": raw_rate,
-        "stream_loader_rows_per_s": stream_rate,
-        "stream_vs_raw": stream_rate / raw_rate,
-        "resident_first_epoch_rows_per_s": first_epoch,
-        "resident_warm_epoch_rows_per_s": warm_epoch,
-        "crosscoder_steps_per_s_from_store": dense_store,
-        "crosscoder_steps_per_s_from_device": dense_device,
-        "crosscoder_store_vs_device": dense_store / dense_device,
-        "crosscoder_steps_per_s_from_stream": median["crosscoder_stream"],
-        "crosscoder_stream_vs_device": median["crosscoder_stream"] / dense_device,
-        "fmxcoder_steps_per_s_from_store": fmx_store,
-        "fmxcoder_steps_per_s_from_device": fmx_device,
-        "fmxcoder_store_vs_device": fmx_store / fmx_device,
-        "fmxcoder_steps_per_s_from_stream": median["fmxcoder_stream"],
-        "fmxcoder_stream_vs_device": median["fmxcoder_stream"] / fmx_device,
+    for coder_name in ("crosscoder", "fmxcoder"):
+        on_device = median[f"{coder_name}_device"]
+        figures[f"{coder_name}_steps_per_s_from_device"] = on_device
+        for mode in MODES:
+            figures[f"{coder_name}_{mode}_vs_device"] = median[f"{coder_name}_{mode}"] / on_device
+    figures |= {
+        "stream_vs_decode_only": figures["stream_vs_decode_only"],
+        "memmap_vs_raw": figures["memmap_vs_raw"],
         "rounds": args.rounds,
         "steps_per_round": args.steps,
-        "fmxcoder_step_time_vs_crosscoder": dense_device / fmx_device,
-        "crosscoder_parameters": dense.num_parameters(),
-        "fmxcoder_parameters": fmx.num_parameters(),
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
     }
+    for each in loaders.values():
+        each.close()
+
     width = max(map(len, figures))
     for name, value in figures.items():
         shown = f"{value:,.3f}" if isinstance(value, float) else str(value)

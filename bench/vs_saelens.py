@@ -262,7 +262,7 @@ def our_reader(store: ActivationStore, args, mode: str = "stream") -> dict:
         rates.append(layer_rows / (time.perf_counter() - started))
     shape, dtype = list(batch.shape), str(batch.dtype)
     loader.close()
-    shuffle_rows = min(loader.buffer_chunks * store.chunk_tokens, store.n_tokens)
+    shuffle_rows = min(loader.describe().get("window_rows", store.n_tokens), store.n_tokens)
     return {
         "mode": loader.mode,
         "split": "all",
@@ -274,7 +274,7 @@ def our_reader(store: ActivationStore, args, mode: str = "stream") -> dict:
         "batches_per_repeat": batches,
         "rows_per_repeat": rows,
         "layer_rows_per_repeat": layer_rows,
-        "buffer_chunks": loader.buffer_chunks,
+        "window_rows": loader.describe().get("window_rows"),
         "chunk_tokens": store.chunk_tokens,
         "shuffle_scope_tokens": shuffle_rows,
         "shuffles_whole_cache": shuffle_rows >= store.n_tokens,

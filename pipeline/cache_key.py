@@ -1,10 +1,10 @@
 """The cache key: a hash of exactly what changes the activations.
 
 In: model identity (package version / file hash / hub revision) and dtype, text identity
-(package version or content hashes), tokenisation, hooks, storage dtype, and the store
-format version. Out: anything cosmetic (paths, batch size, device, progress, chunking,
-codec). Defaults are filled in by validation before hashing, so writing a default out or
-omitting it gives the same key.
+(package version or content hashes, dataset config, token column, document cap),
+tokenisation, hooks, storage dtype, and the store format version. Out: anything cosmetic
+(paths, streaming, batch size, device, progress, chunking, codec). Defaults are filled in
+by validation before hashing, so writing a default out or omitting it gives the same key.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ from pipeline.models import model_identity
 from pipeline.text_sources import source_identity
 
 STORE_FORMAT = 1
+# Text fields added after keys were pinned; they enter the key only when set.
+NEW_TEXT_FIELDS = ("dataset_config", "token_field", "max_documents")
 KEY_LENGTH = 16
 
 
@@ -39,7 +41,10 @@ def key_material(manifest: HarvestManifest) -> dict:
         model.pop("name")  # a display name; the file hash is the identity
     if manifest.model.source != "random":
         model = {k: v for k, v in model.items() if k not in ("n_layers", "d_model", "seed")}
-    text = manifest.text.model_dump(exclude={"paths"})
+    text = manifest.text.model_dump(exclude={"paths", "streaming"})
+    for name in NEW_TEXT_FIELDS:  # absent at their defaults: older keys stay valid
+        if text[name] is None:
+            del text[name]
     return {
         "format": STORE_FORMAT,
         "model": {**model, "identity": model_identity(manifest.model)},

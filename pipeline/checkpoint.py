@@ -1,9 +1,13 @@
 """Coder checkpoints and training state as safetensors + JSON (never pickle), written atomically.
 
-A coder checkpoint is a directory holding ``coder.safetensors`` (the state dict) and
-``coder.json`` (the resolved config, caller metadata and the weights' SHA-256). Each file is
-written to a temporary name, fsynced and ``os.replace``d, so a crash never leaves a partial
-file; the hash catches the one remaining window (new weights beside an old JSON).
+A coder checkpoint is a directory holding ``coder.safetensors`` (the state dict),
+``coder.json`` (the resolved config, caller metadata and the weights' SHA-256), during
+training ``optimizer.safetensors`` (optimizer state; the step in its header), and, written
+last, ``checksums.json``: the size and SHA-256 of every other file. A directory whose
+checksums do not verify is incomplete or damaged and is never loaded as if it were fine.
+Each file is written to a temporary name, fsynced and ``os.replace``d, so a crash never
+leaves a partial file. Safetensors are written with sorted names and metadata
+(``store_format.safetensors_bytes``): the same tensors always give the same bytes.
 
 Training state (optimizer, RNG) is one safetensors file whose header carries the JSON:
 ``flatten_state`` turns any nested dict/list/tuple of tensors and scalars (an optimizer's
@@ -14,26 +18,99 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
 from pipeline.assets import sha256_file
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
-from pipeline.store_format import atomic_write, atomic_write_json
+from pipeline.store_format import atomic_write, atomic_write_json, safetensors_bytes
 
 WEIGHTS_FILE = "coder.safetensors"
 CONFIG_FILE = "coder.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+CHECKSUMS_FILE = "checksums.json"
 FORMAT = "fmxcoders-coder/1"
+CHECKSUMS_FORMAT = "fmxcoders-checkpoint/1"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete or damaged; the one-line message names the file."""
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr (recoveries the user should know about)."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 def _write_safetensors(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
-    save_file(tensors, str(path), metadata=metadata)
+    Path(path).write_bytes(safetensors_bytes(tensors, metadata))
+
+
+def seal_checkpoint(path_dir: Path) -> None:
+    """Write ``checksums.json`` (size + SHA-256 of every other file): the checkpoint is
+    complete only once this file exists and matches."""
+    path_dir = Path(path_dir)
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        for p in sorted(path_dir.iterdir())
+        if p.is_file() and p.name != CHECKSUMS_FILE and not p.name.startswith(".")
+    }
+    atomic_write_json(path_dir / CHECKSUMS_FILE, {"format": CHECKSUMS_FORMAT, "files": files})
+
+
+def verify_checkpoint(path_dir: Path, allow_legacy: bool = False) -> None:
+    """Raise ``CheckpointError`` (naming the file) unless every file matches ``checksums.json``.
+
+    ``allow_legacy``: a coder saved before ``checksums.json`` existed is accepted when its
+    weights match the SHA-256 in its ``coder.json`` (for loading; training never resumes
+    from, or skips for, a checkpoint it cannot fully verify)."""
+    path_dir = Path(path_dir)
+    listing = path_dir / CHECKSUMS_FILE
+    if not path_dir.is_dir():
+        raise CheckpointError(f"{path_dir}: no such checkpoint directory")
+    if not listing.is_file():
+        legacy = (path_dir / CONFIG_FILE).is_file() and (path_dir / WEIGHTS_FILE).is_file()
+        if allow_legacy and legacy and not (path_dir / OPTIMIZER_FILE).exists():
+            _verify_legacy(path_dir)
+            return
+        raise CheckpointError(f"{listing}: missing (the checkpoint was never completed)")
+    try:
+        doc = json.loads(listing.read_text(encoding="utf-8"))
+        files = doc["files"]
+        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {doc.get('format')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{listing}: unreadable ({err})") from None
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if name not in files:
+            raise CheckpointError(f"{listing}: does not list {name}")
+    for name, expected in sorted(files.items()):
+        path = path_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{path}: missing")
+        if path.stat().st_size != expected["size"]:
+            raise CheckpointError(
+                f"{path}: {path.stat().st_size} bytes, expected {expected['size']} (truncated?)"
+            )
+        if sha256_file(path) != expected["sha256"]:
+            raise CheckpointError(f"{path}: checksum mismatch (the file changed after saving)")
+
+
+def _verify_legacy(path_dir: Path) -> None:
+    doc = read_coder_json(path_dir)
+    weights = path_dir / WEIGHTS_FILE
+    if sha256_file(weights) != doc.get("weights_sha256"):
+        raise CheckpointError(
+            f"{weights} does not match {path_dir / CONFIG_FILE} (hash mismatch): the checkpoint "
+            "was interrupted between its two files; re-save it or use an older checkpoint"
+        )
 
 
 def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -41,9 +118,14 @@ def _cpu_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def save_coder(
-    path_dir: Path, coder: SparseCoder, extra_json: dict[str, Any] | None = None
+    path_dir: Path,
+    coder: SparseCoder,
+    extra_json: dict[str, Any] | None = None,
+    seal: bool = True,
 ) -> Path:
-    """Write ``coder`` (weights, buffers, resolved config) into ``path_dir``; returns it."""
+    """Write ``coder`` (weights, buffers, resolved config) into ``path_dir``; returns it.
+
+    ``seal=False`` leaves the checksums to the caller, who adds more files first."""
     path_dir = Path(path_dir)
     path_dir.mkdir(parents=True, exist_ok=True)
     weights = path_dir / WEIGHTS_FILE
@@ -57,14 +139,22 @@ def save_coder(
         "extra": extra_json or {},
     }
     atomic_write_json(path_dir / CONFIG_FILE, doc)
+    if seal:
+        seal_checkpoint(path_dir)
     return path_dir
 
 
 def read_coder_json(path_dir: Path) -> dict[str, Any]:
     """The checkpoint's JSON document (``config``, ``extra``, ``weights_sha256``)."""
-    doc = json.loads((Path(path_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
-    if doc.get("format") != FORMAT:
-        raise ValueError(f"{path_dir}: not a coder checkpoint (format {doc.get('format')!r})")
+    path = Path(path_dir) / CONFIG_FILE
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (not a coder checkpoint)") from None
+    except ValueError as err:
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path_dir}: not a coder checkpoint (format in {path.name})")
     return doc
 
 
@@ -73,15 +163,16 @@ def load_coder(
 ) -> SparseCoder:
     """Rebuild a coder from ``save_coder``'s output, on ``device``, in eval mode."""
     path_dir = Path(path_dir)
+    if verify:
+        verify_checkpoint(path_dir, allow_legacy=True)
     doc = read_coder_json(path_dir)
     weights = path_dir / WEIGHTS_FILE
-    if verify and sha256_file(weights) != doc["weights_sha256"]:
-        raise ValueError(
-            f"{weights} does not match {path_dir / CONFIG_FILE} (hash mismatch): the checkpoint "
-            "was interrupted between its two files; re-save it or use an older checkpoint"
-        )
     coder = build_coder(coder_config_from_dict(doc["config"]))
-    coder.load_state_dict(load_file(str(weights)), strict=True)
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{weights}: unreadable ({err})") from None
+    coder.load_state_dict(state, strict=True)
     return coder.to(device).eval()
 
 
@@ -132,9 +223,12 @@ def save_training_state(path: Path, tensors: dict[str, Tensor], meta: dict[str, 
 
 
 def load_training_state(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = json.loads((fh.metadata() or {}).get("meta", "{}"))
+        return load_file(str(path)), meta
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path}: unreadable ({err})") from None
 
 
 def capture_rng_states(

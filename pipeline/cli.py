@@ -17,7 +17,11 @@ import click
 # ValueError covers ManifestError, ModelError, TextSourceError, CorpusTooSmallError, ExportError.
 BUILTIN_USER_ERRORS = (FileNotFoundError, ValueError)
 # Raised only by modules a command has already imported, so looked up there, not imported.
-LAZY_USER_ERRORS = (("pipeline.store", "StoreError"), ("pipeline.assets", "AssetError"))
+LAZY_USER_ERRORS = (
+    ("pipeline.store", "StoreError"),
+    ("pipeline.assets", "AssetError"),
+    ("pipeline.locks", "LockedError"),
+)
 
 
 def is_user_error(err: BaseException) -> bool:
@@ -32,16 +36,20 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def user_errors(command):
-    """Report expected failures as ``Error: <message>`` and exit 1, without a traceback."""
+    """Report expected failures as ``Error: <message>`` and exit 1, without a traceback
+    (``pipeline --debug ...`` lets them through, traceback and all)."""
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except Exception as err:
-            if is_user_error(err):
-                raise click.ClickException(str(err)) from None
-            raise
+            if not is_user_error(err):
+                raise
+            context = click.get_current_context(silent=True)
+            if context is not None and context.find_root().params.get("debug"):
+                raise
+            raise click.ClickException(str(err)) from None
 
     return wrapper
 
@@ -67,8 +75,9 @@ cache_root_option = click.option(
 @click.version_option(_version(), "--version", prog_name="pipeline")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars; warnings and errors only.")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
 @click.pass_context
-def main(ctx: click.Context, quiet: bool, verbose: int) -> None:
+def main(ctx: click.Context, quiet: bool, verbose: int, debug: bool) -> None:
     """Harvest activations, train cross-layer sparse coders, evaluate them.
 
     \b
@@ -76,6 +85,7 @@ def main(ctx: click.Context, quiet: bool, verbose: int) -> None:
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml
       pipeline ls
       pipeline runs
+      pipeline --debug ls
     """
     level = (
         logging.WARNING
@@ -183,7 +193,9 @@ def list_caches(cache_root: Path | None) -> None:
 @main.command()
 @click.argument("key")
 @cache_root_option
-@click.option("--verify", is_flag=True, help="Decode every chunk and check its checksum.")
+@click.option(
+    "--verify", is_flag=True, help="Check every file's and every decoded chunk's checksum."
+)
 @user_errors
 def show(key: str, cache_root: Path | None, verify: bool) -> None:
     """Show a cache's manifest and normalisation statistics.
@@ -205,7 +217,7 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
             f"{stats['mean'][j].norm():>10.3f}"
         )
     if verify:
-        click.echo("verified: every chunk matches its checksum")
+        click.echo("verified: every file and chunk matches its checksum")
 
 
 @main.command()

@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from pipeline.coders.activations import BatchTopK
+from pipeline.coders.activations import BatchTopK, pool_groups, unpool_groups
 from pipeline.coders.base import LossOutput, SparseCoder
 
 
@@ -156,8 +156,7 @@ def _global_batch_state(
     def track_firing(f: Tensor) -> None:
         fired = (f > 0).any(0).to(torch.int32)
         dist.all_reduce(fired, op=dist.ReduceOp.MAX)
-        # SparseCoder._track_firing, applied to the global batch
-        coder.tokens_since_fired.add_(global_rows).masked_fill_(fired.bool(), 0)
+        coder.record_firing(fired.bool(), global_rows)
 
     shadows: list[tuple[object, str, object]] = [
         (coder, "_training_input", training_input),
@@ -176,16 +175,11 @@ def _global_batch_state(
             object.__delattr__(owner, name)
 
 
-def _groups(t: Tensor, n_groups: int) -> Tensor:
-    """``[batch, G * m]`` -> ``[G, batch * m]`` (as activations.batch_topk_codes groups)."""
-    return t.view(t.shape[0], n_groups, -1).transpose(0, 1).reshape(n_groups, -1)
-
-
 def _batch_topk(act: BatchTopK, pre: Tensor, global_rows: int, world: int) -> Tensor:
     """BatchTopK over the global batch: keep codes at or above the global (k*B)-th value."""
     if not act.training:
         return BatchTopK.forward(act, pre)
-    groups = _groups(pre, act.n_groups)
+    groups = pool_groups(pre, act.n_groups)
     keep = act.k * global_rows
     local = groups.detach().float()
     top = local.topk(min(keep, local.shape[1]), dim=-1).values
@@ -194,19 +188,12 @@ def _batch_topk(act: BatchTopK, pre: Tensor, global_rows: int, world: int) -> Te
     gathered = [torch.empty_like(top) for _ in range(world)]
     dist.all_gather(gathered, top)
     threshold = torch.cat(gathered, dim=1).topk(keep, dim=-1).values[:, -1:]
-    codes = (groups * (local >= threshold)).relu()
-    batch = pre.shape[0]
-    return codes.view(act.n_groups, batch, -1).transpose(0, 1).reshape_as(pre)
+    return unpool_groups((groups * (local >= threshold)).relu(), pre)
 
 
 @torch.no_grad()
 def _observe_global(act: BatchTopK, codes: Tensor) -> None:
     """Update the inference threshold with the global minimum kept code of each group."""
-    f = _groups(codes.detach(), act.n_groups)
-    min_pos = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(-1).float()
+    min_pos = act.min_kept_code(codes)
     dist.all_reduce(min_pos, op=dist.ReduceOp.MIN)
-    # One row whose only positive code per group is that minimum: the class's own observe
-    # then updates the EMA exactly as it would on the global batch.
-    row = torch.zeros(act.n_groups, act.group_size, device=codes.device)
-    row[:, 0] = torch.where(torch.isfinite(min_pos), min_pos, torch.zeros_like(min_pos))
-    BatchTopK.observe(act, row.view(1, -1))
+    act.update_threshold(min_pos)

@@ -8,17 +8,22 @@ the same cache.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.harvest_manifest import Strict
+from pipeline.harvest_manifest import HarvestManifest, Strict, load_harvest_manifest
 from pipeline.manifest_io import ManifestError, load_manifest, validate
-from pipeline.train_manifest import CoderManifest
+from pipeline.train_manifest import CoderManifest, check_coder_section
+
+# Known shapes (n_layers, d_model), so coder sections are checked before any harvest.
+PACKAGED_SHAPES = {"smollm2-135m": (30, 576)}
 
 
 class EvaluationSpec(Strict):
-    judge: str = Field("purity", description="purity (offline) | openai | transformers.")
+    judge: Literal["purity", "openai", "transformers"] = Field(
+        "purity", description="purity (offline) | openai | transformers."
+    )
     latents_sampled: int = Field(24, ge=0, description="Latents judged and given report pages.")
     max_tokens: int | None = Field(None, ge=1, description="Cap on held-out tokens evaluated.")
     splice: bool = Field(False, description="Spliced-in CE/KL score (runs the model).")
@@ -104,9 +109,47 @@ def variant_manifests(
     return out
 
 
+def _store_shape(harvest: HarvestManifest) -> tuple[int | None, int | None]:
+    """(hooks, d_model) the harvest will produce, where the manifest alone tells."""
+    model = harvest.model
+    n_layers, d_model = {
+        "random": (model.n_layers, model.d_model),
+        "packaged": PACKAGED_SHAPES.get(model.name, (None, None)),
+    }.get(model.source, (None, None))
+    if harvest.hooks.layers != "all":
+        n_layers = len(harvest.hooks.layers)
+    return n_layers, d_model
+
+
+def check_variants(experiment: ExperimentManifest, base: Path, source: str) -> None:
+    """Every variant's merged manifest and coder section, before anything is harvested.
+
+    The coder section is checked against the harvest's shape where the manifest tells it;
+    otherwise against a stand-in shape, ignoring what only the real shape decides."""
+    harvest = load_harvest_manifest(base / experiment.harvest)
+    n_hooks, d_model = _store_shape(harvest)
+    for manifest, _ in variant_manifests(experiment, base, source):
+        label = f"{source} (variant '{manifest.name}')"
+        layers = manifest.layers
+        if layers != "all" and n_hooks is not None and max(layers) >= n_hooks:
+            raise ManifestError(
+                f"{label}: field 'layers': {max(layers)} out of range: the harvest has "
+                f"{n_hooks} hooks"
+            )
+        n = len(layers) if layers != "all" else (n_hooks or 2)
+        try:
+            check_coder_section(manifest, n, d_model or 1024, label)
+        except ManifestError as err:
+            lines = str(err).split("\n")
+            shape_only = all("d_model" in line or "n_layers" in line for line in lines)
+            if (d_model is not None and n_hooks is not None) or not shape_only:
+                raise
+
+
 def load_experiment(path: str | Path) -> tuple[ExperimentManifest, Path]:
     path = Path(path)
     experiment = load_manifest(ExperimentManifest, path)
     if not (path.parent / experiment.harvest).is_file():
         raise ManifestError(f"{path}: field 'harvest': no file {path.parent / experiment.harvest}")
+    check_variants(experiment, path.parent, str(path))
     return experiment, path.parent

@@ -10,19 +10,69 @@ is unused.
 
 from __future__ import annotations
 
+import re
+import types
+import typing
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from pipeline.manifest_io import load_manifest
 
 Language = Literal["en", "fr", "es"]
-HookPoint = Literal["resid_post", "mlp_out", "attn_out"]
+HOOK_POINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
+
+
+def kind_problem(annotation: Any, value: Any) -> str | None:
+    """Why ``value`` is the wrong kind for ``annotation`` (``None`` when it is fine).
+
+    Pydantic's lax mode turns ``"64"`` into 64 and ``1e6`` into an int; a manifest should
+    say what it means, so numbers and booleans must be written as such. Lists still fill
+    tuple fields (YAML has no tuples); other types are left to pydantic."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        problems = [kind_problem(arm, value) for arm in typing.get_args(annotation)]
+        if any(p is None for p in problems):
+            return None
+        return " or ".join(dict.fromkeys(p.removeprefix("must be ") for p in problems)).join(
+            ("must be ", "")
+        )
+    if origin is Literal:
+        options = typing.get_args(annotation)
+        return None if value in options else f"must be one of {', '.join(map(repr, options))}"
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            return f"must be a list, not {value!r}"
+        items = [a for a in typing.get_args(annotation) if a is not Ellipsis]
+        if len(items) == 1 and items[0] in (int, float, bool):  # pydantic names the rest
+            for index, item in enumerate(value):
+                if problem := kind_problem(items[0], item):
+                    return f"item {index} {problem}"
+        return None
+    if annotation is type(None):
+        return None if value is None else "must be null"
+    if annotation is bool and not isinstance(value, bool):
+        return f"must be true or false, not {value!r}"
+    if annotation is int and (isinstance(value, bool) or not isinstance(value, int)):
+        return f"must be an integer, not {value!r}"
+    if annotation is float and (isinstance(value, bool) or not isinstance(value, int | float)):
+        return f"must be a number, not {value!r}"
+    return None
 
 
 class Strict(BaseModel):
+    """Frozen, no unknown fields, and no coercion of strings or floats into numbers."""
+
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_kinds(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and (problem := kind_problem(field.annotation, value)):
+            raise ValueError(problem)
+        return value
 
 
 class PlantedSpec(Strict):
@@ -124,6 +174,22 @@ class TextSpec(Strict):
     dataset: str | None = Field(None, description="hf_dataset: dataset name.")
     dataset_split: str = Field("train", description="hf_dataset: split to read.")
     dataset_revision: str | None = Field(None, description="hf_dataset: pinned revision.")
+    dataset_config: str | None = Field(
+        None, description="hf_dataset: configuration (subset) name, e.g. 'wikitext-2-raw-v1'."
+    )
+    streaming: bool = Field(
+        False,
+        description="hf_dataset: stream rows instead of downloading the whole split (needs "
+        "max_documents). The same rows in the same order: not part of the cache key.",
+    )
+    token_field: str | None = Field(
+        None,
+        description="files/hf_dataset: a column of pre-tokenised token ids, used instead of "
+        "text_field (ids must come from the harvested model's tokenizer).",
+    )
+    max_documents: int | None = Field(
+        None, ge=1, description="Read at most this many documents (rows), in source order."
+    )
 
     @model_validator(mode="after")
     def _check_source_fields(self) -> TextSpec:
@@ -133,6 +199,12 @@ class TextSpec(Strict):
             raise ValueError("text.dataset is required when text.source is 'hf_dataset'")
         if self.source == "wiki_summaries" and not self.languages:
             raise ValueError("text.languages must name at least one of en, fr, es")
+        if self.source != "hf_dataset" and (self.dataset_config or self.streaming):
+            raise ValueError("text.dataset_config and text.streaming need source 'hf_dataset'")
+        if self.source == "wiki_summaries" and self.token_field:
+            raise ValueError("text.token_field needs source 'files' or 'hf_dataset'")
+        if self.streaming and self.max_documents is None:
+            raise ValueError("text.streaming needs text.max_documents (a stream has no end)")
         return self
 
 
@@ -159,16 +231,42 @@ class HookSpec(Strict):
     layers: Literal["all"] | tuple[int, ...] = Field(
         "all", description="'all' or a list of block indices."
     )
-    point: HookPoint = Field("resid_post", description="Which activation of each block.")
+    point: str = Field(
+        "resid_post",
+        description="Which activation of each block: any TransformerLens hook inside "
+        "blocks.N that has shape [batch, pos, d_model], as its name after 'blocks.N.' "
+        "(resid_pre, resid_mid, resid_post, attn_out, mlp_out, ln2.hook_normalized, ...); "
+        "a leading 'hook_' may be left out.",
+    )
 
-    @model_validator(mode="after")
-    def _check_layers(self) -> HookSpec:
-        if self.layers != "all":
-            if not self.layers:
-                raise ValueError("hooks.layers must name at least one layer")
-            if sorted(set(self.layers)) != list(self.layers) or min(self.layers) < 0:
-                raise ValueError("hooks.layers must be distinct, ascending, non-negative")
-        return self
+    @field_validator("point")
+    @classmethod
+    def _canonical_point(cls, point: str) -> str:
+        """One spelling per hook (``hook_mlp_out`` -> ``mlp_out``), so the key is stable."""
+        point = point.strip()
+        if point.startswith("blocks.") or not HOOK_POINT.fullmatch(point):
+            raise ValueError(
+                f"hooks.point: {point!r} is not a hook name inside a block (e.g. resid_post, "
+                "attn.hook_z; the layer comes from hooks.layers)"
+            )
+        if "." not in point and point.startswith("hook_"):
+            point = point.removeprefix("hook_")
+        return point
+
+    @property
+    def suffix(self) -> str:
+        """The hook's name after ``blocks.N.``."""
+        return self.point if "." in self.point else f"hook_{self.point}"
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Literal["all"] | tuple[int, ...]):
+        if layers != "all":
+            if not layers:
+                raise ValueError("must name at least one layer")
+            if sorted(set(layers)) != list(layers) or min(layers) < 0:
+                raise ValueError(f"must be distinct, ascending, non-negative, not {list(layers)}")
+        return layers
 
 
 class StorageSpec(Strict):

@@ -6,6 +6,7 @@ without reading a traceback.
 
 from __future__ import annotations
 
+import os
 import tomllib
 from pathlib import Path
 from typing import TypeVar
@@ -29,11 +30,60 @@ def read_mapping(path: Path) -> dict:
         data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
         raise ManifestError(
-            f"{path}: not valid {path.suffix.lstrip('.') or 'YAML'}: {err}"
-        ) from err
+            f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {_syntax(err)}"
+        ) from None
     if not isinstance(data, dict):
         raise ManifestError(f"{path}: the top level must be a mapping of fields")
     return data
+
+
+def _syntax(err: Exception) -> str:
+    """A parser error as one line: what and where (PyYAML's message spans 5-7 lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None)
+    if mark is not None and problem:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
+def check_writable_dir(path: str | Path, where: str) -> None:
+    """``path`` is, or can be created as, a directory this process may write into.
+
+    Checked before any work, so a cache or runs root pointing at a file, or at a read-only
+    place, is one line naming ``where`` (``file: field 'x'``) instead of a late traceback."""
+    path = Path(path)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ManifestError(f"{where}: {probe} is not a directory (needed for {path})")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ManifestError(f"{where}: {probe} is not writable (needed for {path})")
+
+
+def check_device(device: str, where: str) -> None:
+    """The device exists on this machine ('auto', 'cpu', 'cuda', 'cuda:N', 'mps')."""
+    import torch
+
+    try:
+        parsed = torch.device(device) if device != "auto" else torch.device("cpu")
+    except (RuntimeError, ValueError):
+        raise ManifestError(f"{where}: unknown device {device!r} (auto, cpu, cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ManifestError(
+                f"{where}: {device!r} but CUDA is not available on this machine (use cpu or auto)"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ManifestError(
+                f"{where}: {device!r} but this machine has {torch.cuda.device_count()} GPU(s)"
+            )
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ManifestError(f"{where}: {device!r} but MPS is not available on this machine")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise ManifestError(f"{where}: unsupported device {device!r} (auto, cpu, cuda, cuda:N)")
 
 
 def describe_validation_error(err: ValidationError, source: str) -> str:

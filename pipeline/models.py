@@ -8,6 +8,7 @@ SmolLM2) and saved as a plain HF directory under ``models_dir()``, so later load
 from __future__ import annotations
 
 import contextlib
+import difflib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,7 +51,40 @@ class ActivationModel:
                 raise ModelError(
                     f"hooks.layers: layer {layer} does not exist (the model has {self.n_layers})"
                 )
-        return [f"blocks.{layer}.hook_{hooks.point}" for layer in layers]
+        names = [f"blocks.{layer}.{hooks.suffix}" for layer in layers]
+        self.check_hooks(names, hooks.point)
+        return names
+
+    def check_hooks(self, names: list[str], point: str) -> None:
+        """Every name is a hook of this model giving ``[batch, pos, d_model]``; otherwise a
+        one-line error naming ``hooks.point`` and the closest hook names."""
+        known = getattr(self.bridge, "hook_dict", None)
+        if known is None:
+            return
+        missing = [name for name in names if name not in known]
+        if missing:
+            block, _, wanted = missing[0].partition(".")[2].partition(".")
+            inside = sorted(k.split(".", 2)[2] for k in known if k.startswith(f"blocks.{block}."))
+            close = difflib.get_close_matches(wanted, inside, n=4, cutoff=0.4)
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ModelError(
+                f"hooks.point: this model has no hook {missing[0]} ({len(known)} hooks){hint}"
+            )
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(activation: torch.Tensor, hook: object) -> torch.Tensor:
+            shapes[getattr(hook, "name", "")] = tuple(activation.shape)
+            return activation
+
+        probe = torch.zeros((1, 2), dtype=torch.long, device=self.device)
+        with torch.inference_mode(), contextlib.suppress(_StopForward):
+            self.bridge.run_with_hooks(probe, fwd_hooks=[(names[0], record)])
+        shape = next(iter(shapes.values()), None)
+        if shape is not None and shape != (1, 2, self.d_model):
+            raise ModelError(
+                f"hooks.point: {names[0]} gives activations of shape {list(shape)}, but a store "
+                f"holds [batch, pos, d_model={self.d_model}] (e.g. resid_post, attn_out, mlp_out)"
+            )
 
     @torch.inference_mode()
     def capture(self, tokens: torch.Tensor, hook_names: list[str], out: torch.Tensor) -> None:

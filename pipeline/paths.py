@@ -8,6 +8,8 @@ Layout::
       cache/<key>/                      a finished activation store (StorePaths)
       cache/<key>.incomplete/           a store being harvested (resumable)
       cache/<key>.lock                  held while harvesting
+      decoded/<key>-<digest>.bin        one split of a store, uncompressed (loader memmap
+                                        mode; a cache: delete the .bin and .json to remove)
       runs/<key>/<coder-hash>/          a training run (RunPaths)
       runs/<key>/<coder-hash>/evaluation/   that run's latest evaluation (EvaluationPaths)
       reports/<key>-<digest>/           a side-by-side evaluation report (ReportPaths)
@@ -52,6 +54,13 @@ def spectrum_cache_file(key: str, layers: list[int], centre: bool) -> Path:
     if len(tag) > 40:
         tag = hashlib.sha256(tag.encode()).hexdigest()[:16]
     return data_dir() / "spectrum" / f"{key}-{tag}-{'c' if centre else 'u'}.json"
+
+
+def decoded_split_file(store_key: str, digest: str) -> Path:
+    """The loader's uncompressed copy of one split of a store (its record: ``.json``
+    beside it). Outside the store directory, so the store stays read-only and verifiable."""
+    root = Path(os.environ.get("FMX_DECODED_DIR", data_dir() / "decoded"))
+    return root / f"{store_key}-{digest}.bin"
 
 
 def store_dir(cache_root: Path, key: str) -> Path:
@@ -129,8 +138,18 @@ class RunPaths:
         return self.root / "final"
 
     @property
+    def lock(self) -> Path:
+        """Held by the one ``pipeline train`` that trains this run (removed on exit)."""
+        return self.root / "train.lock"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    @property
+    def loader(self) -> Path:
+        """The loader mode this run's latest session used, and why (stages/train.py)."""
+        return self.root / "loader.json"
 
     @property
     def tensorboard(self) -> Path:

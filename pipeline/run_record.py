@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from pipeline.store_format import atomic_write
+from pipeline.store_format import atomic_write_bytes, safetensors_bytes
 
 NORMALISATION_FILE = "normalisation.safetensors"
 FORMAT = "fmxcoders-normalisation/1"
@@ -88,7 +88,7 @@ class RunRecord:
         path = Path(directory) / NORMALISATION_FILE
         tensors = {"mean": self.mean.contiguous(), "scale": self.scale.contiguous()}
         header = {"format": FORMAT, "meta": json.dumps(self.metadata(), sort_keys=True)}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=header))
+        atomic_write_bytes(path, safetensors_bytes(tensors, header))  # same record, same bytes
         return path
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -16,7 +17,13 @@ import zarr
 from safetensors.torch import load_file
 
 from pipeline.paths import StorePaths
-from pipeline.store_format import chunk_files, from_storage_numpy, tree_bytes
+from pipeline.store_format import (
+    chunk_files,
+    file_crc32c,
+    from_storage_numpy,
+    record_crc32c,
+    tree_bytes,
+)
 
 
 class StoreError(RuntimeError):
@@ -31,46 +38,93 @@ class ActivationStore:
         completion = self.paths.completion
         if not completion.is_file():
             raise StoreError(f"{self.paths.root}: not a finished store (no {completion.name})")
-        self.record = json.loads(completion.read_text())
-        self.hook_names: list[str] = self.record["hooks"]
-        self.n_tokens: int = self.record["n_tokens"]
-        self.chunk_tokens: int = self.record["chunk_tokens"]
-        self.dtype: str = self.record["storage"]["dtype"]
-        self._check_files()
-        group = zarr.open_group(self.paths.activations, mode="r", zarr_format=3)
-        self.arrays = [group[name] for name in self.hook_names]
+        try:
+            self.record = json.loads(completion.read_text())
+            saved = self.record.pop("record_crc32c", None)  # absent in older stores
+            if saved is not None and saved != record_crc32c(self.record):
+                raise ValueError("checksum mismatch (the record changed since harvest)")
+            self.hook_names: list[str] = self.record["hooks"]
+            self.n_tokens: int = self.record["n_tokens"]
+            self.chunk_tokens: int = self.record["chunk_tokens"]
+            self.dtype: str = self.record["storage"]["dtype"]
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise self.damaged(completion, f"unreadable ({err})") from None
+        self._check_files(checksums=False)
+        try:
+            group = zarr.open_group(self.paths.activations, mode="r", zarr_format=3)
+            self.arrays = [group[name] for name in self.hook_names]
+        except Exception as err:  # zarr raises many types for bad metadata
+            raise self.damaged(self.paths.activations, f"unreadable metadata ({err})") from None
         self.d_model = int(self.arrays[0].shape[1])
         for name, array in zip(self.hook_names, self.arrays, strict=True):
             if array.shape[0] != self.n_tokens:
-                raise StoreError(f"{self.paths.array(name)}: shape {array.shape} != record")
+                raise self.damaged(self.paths.array(name), f"shape {array.shape} != record")
         self._pool = ThreadPoolExecutor(max_workers=min(8, len(self.hook_names)))
         if verify:
             self.verify()
 
-    def _check_files(self) -> None:
-        """Every chunk file the completion record lists exists with its recorded size."""
+    def damaged(self, path: Path, problem: str) -> StoreError:
+        """One line: the file, what is wrong, and the commands that rebuild the store."""
+        source = "<its harvest manifest>"
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            source = json.loads(self.paths.manifest.read_text()).get("source") or source
+        return StoreError(
+            f"{path}: {problem}; the store is damaged: delete it and re-harvest "
+            f"(rm -rf {self.paths.root} && pipeline harvest {source})"
+        )
+
+    def _check_files(self, checksums: bool) -> None:
+        """Every file the completion record lists exists with its recorded size; the small
+        files (tables, statistics, metadata) also match their crc32c, all of them with
+        ``checksums`` (the block markers are skipped on open: training never reads them).
+
+        Stores harvested before ``files`` was recorded carry chunk sizes only."""
+        for relative, expected in self.record.get("files", {}).items():
+            path = self.paths.root / relative
+            if not path.is_file():
+                raise self.damaged(path, "file missing")
+            size = path.stat().st_size
+            if size != expected["size"]:
+                raise self.damaged(path, f"{size} bytes, expected {expected['size']} (truncated?)")
+            if not checksums and relative.startswith("blocks/"):
+                continue
+            if file_crc32c(path) != expected["crc32c"]:
+                raise self.damaged(path, "checksum mismatch (the file changed since harvest)")
         for name, expected in self.record["chunk_files"].items():
             actual = chunk_files(self.paths.array(name))
             for chunk, size in expected.items():
+                path = self.paths.array(name) / chunk
                 if chunk not in actual:
-                    raise StoreError(f"{self.paths.array(name) / chunk}: chunk file missing")
+                    raise self.damaged(path, "chunk file missing")
                 if actual[chunk] != size:
-                    raise StoreError(
-                        f"{self.paths.array(name) / chunk}: {actual[chunk]} bytes, "
-                        f"expected {size} (truncated or overwritten)"
-                    )
+                    raise self.damaged(path, f"{actual[chunk]} bytes, expected {size} (truncated?)")
 
     def verify(self) -> None:
-        """Decode every chunk and compare its crc32c with the harvest record."""
+        """Every file's crc32c, and every chunk decoded and compared with the harvest record."""
+        self._check_files(checksums=True)
         for j, name in enumerate(self.hook_names):
             for block, expected in enumerate(self.record["block_crc32c"][name]):
                 start, stop = self.chunk_rows(block)
-                try:
-                    values = np.ascontiguousarray(self.arrays[j][start:stop])
-                except Exception as err:
-                    raise StoreError(f"{self.paths.array(name)}: block {block}: {err}") from err
+                values = np.ascontiguousarray(self._read_array(j, start, stop))
                 if crc32c.crc32c(values) != expected:
-                    raise StoreError(f"{self.paths.array(name)}: block {block}: checksum mismatch")
+                    raise self.damaged(self._chunk_path(j, block), "checksum mismatch")
+
+    def _chunk_path(self, layer: int, block: int) -> Path:
+        return self.paths.array(self.hook_names[layer]) / "c" / str(block) / "0"
+
+    def _read_array(self, layer: int, start: int, stop: int) -> np.ndarray:
+        """Rows of one hook; a chunk that fails to decode (crc32c) names its file."""
+        try:
+            return self.arrays[layer][start:stop]
+        except Exception as err:
+            block = start // self.chunk_tokens
+            last = (stop - 1) // self.chunk_tokens
+            where = (
+                self._chunk_path(layer, block)
+                if last == block
+                else self.paths.array(self.hook_names[layer]) / "c" / f"{{{block}..{last}}}" / "0"
+            )
+            raise self.damaged(where, f"unreadable chunk ({type(err).__name__}: {err})") from None
 
     @property
     def key(self) -> str:
@@ -90,17 +144,29 @@ class ActivationStore:
 
     @cached_property
     def manifest(self) -> dict:
-        return json.loads(self.paths.manifest.read_text())
+        try:
+            return json.loads(self.paths.manifest.read_text())
+        except ValueError as err:
+            raise self.damaged(self.paths.manifest, f"unreadable ({err})") from None
 
     @cached_property
     def stats(self) -> dict[str, torch.Tensor]:
-        return load_file(self.paths.stats)
+        try:
+            return load_file(self.paths.stats)
+        except Exception as err:  # safetensors raises its own error types
+            raise self.damaged(self.paths.stats, f"unreadable ({err})") from None
+
+    def _table(self, path: Path, columns: list[str] | None = None) -> pa.Table:
+        try:
+            return pq.read_table(path, columns=columns)
+        except (OSError, pa.ArrowException) as err:
+            raise self.damaged(path, f"unreadable ({type(err).__name__}: {err})") from None
 
     def tokens(self, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(self.paths.tokens, columns=columns)
+        return self._table(self.paths.tokens, columns)
 
     def documents(self) -> pa.Table:
-        return pq.read_table(self.paths.documents)
+        return self._table(self.paths.documents)
 
     def read_stored(self, start: int, stop: int, layers: list[int] | None = None) -> np.ndarray:
         """Rows ``[start, stop)`` in the storage representation, ``[rows, n_layers, d]``."""
@@ -109,14 +175,14 @@ class ActivationStore:
         out = np.empty((stop - start, len(layers), self.d_model), dtype=first.dtype)
 
         def read(j: int) -> None:
-            out[:, j] = self.arrays[layers[j]][start:stop]
+            out[:, j] = self._read_array(layers[j], start, stop)
 
         list(self._pool.map(read, range(len(layers))))
         return out
 
     def read_layer(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of one layer, ``[rows, d]``, in the storage dtype (torch)."""
-        return from_storage_numpy(self.arrays[layer][start:stop], self.dtype)
+        return from_storage_numpy(self._read_array(layer, start, stop), self.dtype)
 
     def read(self, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as float32 ``[rows, n_layers, d_model]`` in raw units."""

@@ -108,3 +108,78 @@ def atomic_write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
+
+
+def file_crc32c(path: Path, block: int = 1 << 22) -> int:
+    """crc32c of a whole file, streamed (hardware crc32c runs at GB/s: cheap on open)."""
+    import crc32c
+
+    value = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(block):
+            value = crc32c.crc32c(chunk, value)
+    return value
+
+
+def is_chunk_file(relative: Path) -> bool:
+    """Chunk files (``activations.zarr/<hook>/c/...``) are checked per block, not per file."""
+    parts = relative.parts
+    return len(parts) > 3 and parts[0] == "activations.zarr" and parts[2] == "c"
+
+
+def file_checksums(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, int]]:
+    """Every non-chunk file under ``root`` (relative path -> size and crc32c), sorted."""
+    root = Path(root)
+    record = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        relative = path.relative_to(root)
+        if is_chunk_file(relative) or relative.as_posix() in exclude:
+            continue
+        record[relative.as_posix()] = {"size": path.stat().st_size, "crc32c": file_crc32c(path)}
+    return record
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    """The safetensors encoding with sorted tensor names and sorted metadata keys.
+
+    The reference writer orders header keys by hash map, so the same tensors could give
+    different bytes; here they always give the same file, so file hashes can be compared.
+    The layout is the standard one (8-byte header length, space-padded JSON, data), read
+    by any safetensors loader."""
+    header: dict[str, object] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs = []
+    offset = 0
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().to("cpu").contiguous()
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + len(blob)],
+        }
+        offset += len(blob)
+        blobs.append(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
+
+
+def record_crc32c(record: dict) -> int:
+    """crc32c of a record's canonical JSON: ``complete.json`` checks itself with it."""
+    import crc32c
+
+    return crc32c.crc32c(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())

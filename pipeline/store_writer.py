@@ -17,7 +17,7 @@ import crc32c
 import numpy as np
 import torch
 import zarr
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from pipeline.harvest_manifest import StorageSpec
 from pipeline.paths import StorePaths
@@ -27,6 +27,9 @@ from pipeline.store_format import (
     atomic_write_json,
     chunk_files,
     codecs,
+    file_checksums,
+    record_crc32c,
+    safetensors_bytes,
     to_storage_numpy,
 )
 
@@ -107,7 +110,7 @@ class StoreWriter:
         stats = block_statistics(stored, keep)
         stats["crc32c"] = torch.tensor(crcs, dtype=torch.int64)
         metadata = {"block": str(block), "rows": f"{start},{stop}"}
-        atomic_write_bytes(self.paths.block_marker(block), save(stats, metadata=metadata))
+        atomic_write_bytes(self.paths.block_marker(block), safetensors_bytes(stats, metadata))
 
     def finalize(self, seconds: float) -> dict:
         """Aggregate block statistics and write the completion record."""
@@ -148,8 +151,13 @@ def write_statistics(path: Path, totals: dict, count: float) -> None:
         "rms_norm": rms.float(),
         "centred_rms_norm": centred_rms.float(),
     }
-    atomic_write_bytes(path, save(tensors, metadata={"tokens": str(int(count))}))
+    atomic_write_bytes(path, safetensors_bytes(tensors, {"tokens": str(int(count))}))
 
 
 def write_completion(path: Path, record: dict) -> None:
-    atomic_write_json(path, record)
+    """Written last: the size and crc32c of every other non-chunk file of the store (tables,
+    statistics, manifest, markers, zarr metadata) join the record, so opening the store can
+    prove that nothing changed since the harvest (chunks keep their per-block crc32c)."""
+    files = file_checksums(Path(path).parent, exclude=(Path(path).name,))
+    record = {**record, "files": files}
+    atomic_write_json(path, {**record, "record_crc32c": record_crc32c(record)})

@@ -16,6 +16,7 @@ class Document:
     text: str
     language: str = ""
     topic: str = ""
+    token_ids: tuple[int, ...] | None = None  # pre-tokenised data: used instead of ``text``
 
 
 class TextSourceError(ValueError):
@@ -35,10 +36,20 @@ def _wiki_documents(spec: TextSpec) -> list[Document]:
     return documents
 
 
-def _read_file(path: Path, text_field: str) -> list[Document]:
+def _token_ids(value, where: str) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(i) for i in value)
+    except (TypeError, ValueError) as err:
+        raise TextSourceError(f"{where}: not a list of token ids (text.token_field)") from err
+    return ids
+
+
+def _read_file(path: Path, text_field: str, token_field: str | None = None) -> list[Document]:
     if not path.is_file():
         raise TextSourceError(f"{path}: no such text file (text.paths)")
     if path.suffix == ".txt":
+        if token_field:
+            raise TextSourceError(f"{path}: a .txt file has no token column (text.token_field)")
         paragraphs = path.read_text(encoding="utf-8").split("\n\n")
         return [
             Document(f"{path.name}#{i}", p.strip()) for i, p in enumerate(paragraphs) if p.strip()
@@ -52,13 +63,14 @@ def _read_file(path: Path, text_field: str) -> list[Document]:
     else:
         raise TextSourceError(f"{path}: unsupported text file type (use .txt, .jsonl, .parquet)")
     documents = []
+    field, setting = (token_field, "token_field") if token_field else (text_field, "text_field")
     for i, row in enumerate(rows):
-        if text_field not in row:
-            raise TextSourceError(f"{path}: row {i} has no field '{text_field}' (text.text_field)")
+        if field not in row:
+            raise TextSourceError(f"{path}: row {i} has no field '{field}' (text.{setting})")
         title = str(row.get("title", f"{path.name}#{i}"))
-        documents.append(
-            Document(title, str(row[text_field]), row.get("language", ""), row.get("topic", ""))
-        )
+        ids = _token_ids(row[field], f"{path}: row {i}") if token_field else None
+        text = "" if token_field else str(row[field])
+        documents.append(Document(title, text, row.get("language", ""), row.get("topic", ""), ids))
     return documents
 
 
@@ -69,18 +81,51 @@ def _hub_documents(spec: TextSpec) -> list[Document]:
         raise TextSourceError(
             "text.source 'hf_dataset' needs the 'datasets' package: pip install datasets"
         ) from err
+    where = f"{spec.dataset}" + (f" ({spec.dataset_config})" if spec.dataset_config else "")
     rows = datasets.load_dataset(
-        spec.dataset, split=spec.dataset_split, revision=spec.dataset_revision
+        spec.dataset,
+        spec.dataset_config,
+        split=spec.dataset_split,
+        revision=spec.dataset_revision,
+        streaming=spec.streaming,
     )
-    return [Document(f"{spec.dataset}#{i}", row[spec.text_field]) for i, row in enumerate(rows)]
+    if spec.max_documents is not None:
+        rows = (
+            rows.take(spec.max_documents)
+            if spec.streaming
+            else rows.select(range(min(spec.max_documents, len(rows))))
+        )
+    field, setting = (
+        (spec.token_field, "token_field") if spec.token_field else (spec.text_field, "text_field")
+    )
+    columns = getattr(rows, "column_names", None)
+    if columns is not None and field not in columns:
+        raise TextSourceError(
+            f"{where}: no column '{field}' (text.{setting}); columns: {', '.join(columns)}"
+        )
+    documents = []
+    for i, row in enumerate(rows):
+        if field not in row:
+            raise TextSourceError(f"{where}: row {i} has no column '{field}' (text.{setting})")
+        if spec.token_field:
+            ids = _token_ids(row[field], f"{where}: row {i}")
+            documents.append(Document(f"{spec.dataset}#{i}", "", token_ids=ids))
+        else:
+            documents.append(Document(f"{spec.dataset}#{i}", str(row[field])))
+    return documents
 
 
 def load_documents(spec: TextSpec) -> list[Document]:
     """All documents of the source, in a stable order (shuffling happens in tokenisation)."""
     if spec.source == "wiki_summaries":
-        return _wiki_documents(spec)
+        return _wiki_documents(spec)[: spec.max_documents]
     if spec.source == "files":
-        return [doc for p in spec.paths for doc in _read_file(Path(p), spec.text_field)]
+        documents = [
+            doc
+            for p in spec.paths
+            for doc in _read_file(Path(p), spec.text_field, spec.token_field)
+        ]
+        return documents[: spec.max_documents]
     return _hub_documents(spec)
 
 

@@ -10,7 +10,7 @@ import hashlib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache_key import canonical_json
 from pipeline.harvest_manifest import Strict
@@ -92,8 +92,15 @@ class TrainRunSpec(Strict):
 
     device: str = Field("auto", description="'auto', 'cpu', 'cuda', ...")
     runs_root: str | None = Field(None, description="Runs root; default $FMX_RUNS_DIR.")
-    loader_mode: Literal["auto", "resident", "stream"] = Field(
-        "auto", description="Keep the split on the device, or stream chunks."
+    loader_mode: Literal["auto", "resident", "memmap", "stream"] = Field(
+        "auto",
+        description="Keep the split on the device, serve it from a decoded file beside the "
+        "caches, or stream chunks; auto picks by the device, RAM and disk budgets.",
+    )
+    resident_max_bytes: int | None = Field(
+        None,
+        ge=0,
+        description="Cap for auto's resident mode; default half the device's free memory.",
     )
     progress: bool = Field(True, description="Show a progress bar.")
     wandb: WandbSpec | None = Field(
@@ -113,6 +120,16 @@ class CoderManifest(Strict):
     )
     training: TrainingSpec = TrainingSpec()
     run: TrainRunSpec = TrainRunSpec()
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, layers: Literal["all"] | tuple[int, ...]):
+        if layers != "all":
+            if not layers:
+                raise ValueError("must name at least one hook")
+            if min(layers) < 0 or sorted(set(layers)) != list(layers):
+                raise ValueError(f"must be distinct, ascending, non-negative, not {list(layers)}")
+        return layers
 
     def run_hash(self) -> str:
         """Hash of what decides the weights (not the name, not ``run``)."""

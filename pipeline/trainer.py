@@ -19,22 +19,30 @@ from typing import TYPE_CHECKING
 import torch
 
 from pipeline.checkpoint import (
+    OPTIMIZER_FILE,
+    CheckpointError,
     flatten_state,
     load_coder,
     load_training_state,
     save_coder,
     save_training_state,
+    seal_checkpoint,
     unflatten_state,
+    verify_checkpoint,
+    warn,
 )
 from pipeline.coders import build_coder
 from pipeline.coders.base import Coder
 from pipeline.paths import RunPaths
-from pipeline.store_format import atomic_write_json
+from pipeline.store_format import atomic_write_bytes, atomic_write_json
 from pipeline.train_manifest import CoderManifest, TrainingSpec
 
 if TYPE_CHECKING:
     from pipeline.ddp import DistributedContext
     from pipeline.run_record import RunRecord
+
+
+KEEP_CHECKPOINTS = 2  # the newest, and one to resume from if the newest is damaged
 
 
 def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
@@ -111,18 +119,19 @@ class CoderRun:
         return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def save_checkpoint(self) -> None:
-        """A new directory per checkpoint; older ones go only once it is complete."""
+        """A new directory per checkpoint, sealed by its checksums last; the oldest goes only
+        once it is complete, and the previous one stays as a fallback if this one is damaged."""
         if not self.is_main:
             return
         target = self.paths.checkpoint(self.step)
         tensors, skeleton = flatten_state(self.optimizer.state_dict())
-        save_coder(target, self.coder, {"step": self.step})
+        save_coder(target, self.coder, {"step": self.step}, seal=False)
         save_training_state(
-            target / "optimizer.safetensors", tensors, {"step": self.step, "skeleton": skeleton}
+            target / OPTIMIZER_FILE, tensors, {"step": self.step, "skeleton": skeleton}
         )
-        for old in self.paths.checkpoints():
-            if old != target:
-                shutil.rmtree(old, ignore_errors=True)
+        seal_checkpoint(target)
+        for old in self.paths.checkpoints()[KEEP_CHECKPOINTS:]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def save_final(self) -> None:
         if not self.is_main:
@@ -140,31 +149,55 @@ class CoderRun:
         save_coder(self.paths.final, self.coder, extra)
 
     def try_resume(self) -> None:
-        """Load the newest complete checkpoint, and cut the metric log back to it."""
+        """Load the newest checkpoint that verifies, and cut the metric log back to it.
+
+        A damaged or incomplete checkpoint is skipped with a one-line warning naming it;
+        with none left the run starts from step 0, says so, and drops every logged row."""
+        skipped = []
         for directory in self.paths.checkpoints():
-            state = directory / "optimizer.safetensors"
-            if not state.is_file():
-                continue  # killed while writing it: fall back to the previous one
             try:
-                coder = load_coder(directory)
-            except (ValueError, OSError):
+                self._load_checkpoint(directory)
+            except (CheckpointError, KeyError, ValueError, RuntimeError) as err:
+                if self.is_main:
+                    warn(f"skipping checkpoint {directory.name}: {err}")
+                skipped.append(directory)
                 continue
-            tensors, meta = load_training_state(state)
-            self.coder.load_state_dict(coder.state_dict())
-            self.coder.to(self.device)
-            tensors = {k: v.to(self.device) for k, v in tensors.items()}
-            self.optimizer.load_state_dict(unflatten_state(tensors, meta["skeleton"]))
-            self.step = int(meta["step"])
             if self.is_main:
                 _truncate_log(self.paths.metrics, self.step)
             return
+        if skipped and self.is_main:
+            warn(f"{self.paths.root}: no valid checkpoint left; training from step 0")
+        self.step = 0
+        if self.is_main:  # a fresh start keeps nothing of an earlier attempt's logs
+            _truncate_log(self.paths.metrics, 0)
+            shutil.rmtree(self.paths.tensorboard, ignore_errors=True)
+
+    def _load_checkpoint(self, directory: Path) -> None:
+        verify_checkpoint(directory)
+        if not (directory / OPTIMIZER_FILE).is_file():
+            raise CheckpointError(f"{directory / OPTIMIZER_FILE}: missing")
+        coder = load_coder(directory, verify=False)  # just verified
+        tensors, meta = load_training_state(directory / OPTIMIZER_FILE)
+        tensors = {k: v.to(self.device) for k, v in tensors.items()}
+        self.optimizer.load_state_dict(unflatten_state(tensors, meta["skeleton"]))
+        self.coder.load_state_dict(coder.state_dict())
+        self.coder.to(self.device)
+        self.step = int(meta["step"])
 
 
 def _truncate_log(path: Path, step: int) -> None:
+    """Keep the rows up to ``step`` (a row cut short by a kill is dropped too)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def new_coder_run(

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from pipeline.block_harvest import create_store, harvest_blocks
 from pipeline.cache_key import hash_material
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
@@ -39,7 +40,6 @@ from pipeline.paths import StorePaths
 from pipeline.store_writer import StoreWriter
 from pipeline.text_sources import load_documents
 from pipeline.windows import TokenWindows, build_windows
-from stages.harvest import create_store, harvest_blocks
 
 if TYPE_CHECKING:  # dask is imported only when a distributed harvest runs
     from distributed import Client, Future

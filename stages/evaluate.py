@@ -24,7 +24,7 @@ from pipeline.evaluation import html_report, recovery, report
 from pipeline.evaluation import latent_details as ld
 from pipeline.evaluation import results as tables
 from pipeline.evaluation.concepts import build_gazetteer
-from pipeline.evaluation.judge import sample_alive
+from pipeline.evaluation.latent_choice import RANDOM, choose_latents
 from pipeline.evaluation.probe_suite import (
     ProbeTasks,
     baseline_rows,
@@ -41,7 +41,7 @@ from pipeline.evaluation.splice import (
     load_store_model,
     splice_scores,
 )
-from pipeline.evaluation.top_contexts import TokenView
+from pipeline.evaluation.top_contexts import TokenView, store_decode
 from pipeline.loader import ActivationLoader, Normaliser
 from pipeline.models import resolve_device
 from pipeline.paths import (
@@ -61,8 +61,10 @@ class EvaluateOptions:
     judge: str = "purity"  # purity | openai | transformers
     judge_fallback: bool = False  # a failing judge: purity proxy (labelled) instead of an error
     latents_sampled: int = 24  # latents judged and given a page, per variant
+    latents_top: int = 8  # and pages for the top latents by coherence and by probe weight
     max_tokens: int | None = None  # cap on held-out tokens (the first, in store order)
     splice: bool = True  # spliced-in CE/KL (loads the model)
+    splice_off_by: str = "--no-splice"  # what turned the splice off, for the report
     splice_windows: int = 8  # context windows scored (1 + 2L forwards each: CPU-heavy)
     masking_tokens: int = 8192  # tokens for the single-layer masking test (L + 1 encodes)
     ks: tuple[int, ...] = DEFAULT_KS
@@ -199,16 +201,24 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
 
     doc_of_row = tokens["doc_id"].to_numpy().astype(np.int64)
     labelings = ld.row_labelings(tokens, documents, tasks.concepts)
-    purity, sampled = {}, {}
+    purity, chosen = {}, {}
     for r in passed.variants:
         purity[r.variant.name] = ld.purity(r.top_rows, labelings, passed.eval_rows, doc_of_row)
-        sampled[r.variant.name] = sample_alive(
-            r.sparsity.alive, options.latents_sampled, options.seed
+        chosen[r.variant.name] = choose_latents(
+            r,
+            purity[r.variant.name][0],
+            tasks,
+            options.latents_sampled,
+            options.latents_top,
+            options.seed,
         )
-    view = TokenView.from_table(tokens)
+    model_spec = store.manifest["manifest"]["model"]
+    view = TokenView.from_table(tokens, lambda: store_decode(model_spec))
     device = variants[0].scale.device
-    details = ld.sampled_details(store, view, union, passed.variants, sampled, device)
-    planted = store.manifest["manifest"]["model"]["source"] == "planted"  # no model to splice
+    details = ld.sampled_details(
+        store, view, union, passed.variants, chosen, device, passed.eval_rows, options.seed
+    )
+    planted = model_spec["source"] == "planted"  # synthetic activations: no model to splice
     model = load_store_model(store, device) if options.splice and not planted else None
     splices = {}
     if model is not None:
@@ -243,7 +253,7 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             res,
             hooks_of[name],
             m.purity[name][0],
-            m.details[name],
+            [d for d in m.details[name] if d.chosen_by == RANDOM],  # the unbiased sample
             m.judged[name],
             by_k,
             m.splices.get(name),
@@ -262,7 +272,9 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         summaries.append(summary)
         combined["per_layer"] += own["per_layer"]
         combined["latents"] += own["latents"]
-        combined["sampled"] += tables.sampled_rows(m.details[name])
+        combined["sampled"] += tables.sampled_rows(
+            [d for d in m.details[name] if d.chosen_by == RANDOM]
+        )
         if truth is not None:
             combined.setdefault("recovery", []).extend(recovered[name]["rows"])
     baselines = baseline_rows(m.probe_rows, variants)
@@ -279,7 +291,11 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             "sequence": sorted(m.tasks.sequence),
             "dropped": m.tasks.dropped,
         },
-        "splice": "done" if m.splices else "skipped (--no-splice or a planted cache)",
+        "splice": "done"
+        if m.splices
+        else "skipped (a planted cache has no model)"
+        if store.manifest["manifest"]["model"]["source"] == "planted"
+        else f"skipped ({options.splice_off_by})",
     }
     if truth is not None:
         meta["recovery"] = {
@@ -289,7 +305,9 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
     tables.write_report_tables(
         out, {"variants": summaries, "baselines": baselines, **meta}, combined
     )
-    plots = report.write_plots(out, m.passed.variants, hooks_of, m.probe_rows, baselines, m.splices)
+    plots = report.write_plots(
+        out, m.passed.variants, hooks_of, m.probe_rows, baselines, m.splices, summaries
+    )
     slugs = {v.name: v.slug for v in variants}
     html_report.write(out, summaries, baselines, meta, plots, m.details, hooks_of, slugs)
 

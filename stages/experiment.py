@@ -15,6 +15,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.evaluation.results import run_id
 from pipeline.experiment_manifest import ExperimentManifest, load_experiment, variant_manifests
 from pipeline.frontier import plot_frontier, slug
 from pipeline.harvest_manifest import load_harvest_manifest
@@ -28,7 +29,13 @@ from pipeline.protocol import (
     lr_sweep_runs,
     protocol_runs,
 )
-from pipeline.results_table import protocol_table, render_frontier, render_markdown
+from pipeline.results_table import (
+    protocol_table,
+    recovery_table,
+    render_frontier,
+    render_markdown,
+    render_recovery,
+)
 from pipeline.store_format import atomic_write_json
 from stages import evaluate, harvest, train
 
@@ -44,7 +51,7 @@ def _evaluation_is_current(summary: Path, run_dirs: list[Path]) -> bool:
     if not summary.is_file():
         return False
     done = {row["run_dir"] for row in json.loads(summary.read_text())["variants"]}
-    return done == {str(p) for p in run_dirs}
+    return done == {run_id(p) for p in run_dirs}
 
 
 def _train(planned: list[PlannedRun], device: str | None) -> dict[int, Path]:
@@ -73,7 +80,7 @@ def _lr_sweep(
     for i, p in enumerate(planned):
         val = final_validation(run_dirs[i]) or {}
         point = {"lr": p.lr, "val_fvu": val.get("val_fvu"), "val_l0": val.get("val_l0")}
-        point |= {"tokens": p.manifest.training.tokens, "run_dir": str(run_dirs[i])}
+        point |= {"tokens": p.manifest.training.tokens, "run_dir": run_id(run_dirs[i])}
         out.setdefault(p.variant, {"points": []})["points"].append(point)
     for entry in out.values():
         entry["chosen_lr"] = choose_lr(entry["points"])
@@ -94,7 +101,7 @@ def _frontier(planned: list[PlannedRun], run_dirs: dict[int, Path]) -> dict[str,
             continue
         val = final_validation(run_dirs[i])
         if val is not None:
-            out.setdefault(p.variant, []).append({"k": p.k, **val, "run_dir": str(run_dirs[i])})
+            out.setdefault(p.variant, []).append({"k": p.k, **val, "run_dir": run_id(run_dirs[i])})
     for points in out.values():
         points.sort(key=lambda q: q["k"])
     return out
@@ -135,16 +142,17 @@ def run(
             latents_sampled=experiment.evaluation.latents_sampled,
             max_tokens=experiment.evaluation.max_tokens,
             splice=experiment.evaluation.splice,
+            splice_off_by="evaluation.splice: false in the experiment manifest",
             device=device or "auto",
         )
         evaluate.run(eval_dirs, paths.report, options)
 
     summary = json.loads(report.summary.read_text())
-    labels = {str(run_dirs[i]): planned[i].label() for i in evaluated}
+    labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
     for row in summary["variants"]:
         row["protocol"] = labels.get(row["run_dir"])
     table = protocol_table(summary)
-    markdown = render_markdown(table, summary, lr_sweep)
+    markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
     frontier = _frontier(planned, run_dirs)
     if frontier:
         atomic_write_json(root / "frontier.json", frontier)

@@ -9,21 +9,16 @@ dask scheduler, shards of blocks run on workers instead (stages/distributed_harv
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
-import torch
-from filelock import FileLock
-from tqdm import tqdm
-
+from pipeline.block_harvest import create_store, harvest_blocks
 from pipeline.cache_key import hash_material, key_material
 from pipeline.harvest_manifest import HarvestManifest
-from pipeline.models import ActivationModel, load_model
+from pipeline.locks import exclusive_lock
+from pipeline.manifest_io import check_device, check_writable_dir
+from pipeline.models import load_model
 from pipeline.paths import (
     StorePaths,
     default_cache_root,
@@ -31,10 +26,10 @@ from pipeline.paths import (
     store_dir,
     store_lock,
 )
-from pipeline.store_format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet, fsync_dir
+from pipeline.store_format import fsync_dir
 from pipeline.store_writer import StoreWriter, write_completion, write_statistics
 from pipeline.text_sources import load_documents
-from pipeline.windows import TokenWindows, build_windows
+from pipeline.windows import build_windows
 
 
 @dataclass(frozen=True)
@@ -51,142 +46,6 @@ def resolve_cache_root(manifest: HarvestManifest, cache_root: Path | None = None
     if manifest.run.cache_root:
         return Path(manifest.run.cache_root)
     return default_cache_root()
-
-
-def _write_tables(paths: StorePaths, windows: TokenWindows) -> None:
-    """Write the token/document tables once; on resume, check they still agree."""
-    if paths.tokens.is_file():
-        stored = pq.read_table(paths.tokens, columns=["token_id"])["token_id"].to_numpy()
-        if not np.array_equal(stored, windows.token_ids.reshape(-1)):
-            raise RuntimeError(
-                f"{paths.tokens}: the partial store was tokenised differently; delete "
-                f"{paths.root} and harvest again"
-            )
-        return
-    atomic_write_parquet(paths.documents, windows.documents)
-    atomic_write_parquet(paths.tokens, windows.tokens)
-
-
-class _BlockWriterThread:
-    """Writes finished blocks in the background; re-raises its error in the caller."""
-
-    def __init__(self, writer: StoreWriter) -> None:
-        self.writer = writer
-        self.queue: queue.Queue = queue.Queue(maxsize=1)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._loop, name="block-writer", daemon=True)
-        self.thread.start()
-
-    def _loop(self) -> None:
-        while (item := self.queue.get()) is not None:
-            if self.error is None:
-                try:
-                    self.writer.write_block(*item)
-                except BaseException as err:  # surfaced by put()/close()
-                    self.error = err
-
-    def put(self, block: int, stored: torch.Tensor, keep: torch.Tensor) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((block, stored, keep))
-
-    def close(self) -> None:
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
-
-
-def harvest_blocks(
-    model: ActivationModel,
-    windows: TokenWindows,
-    writer: StoreWriter,
-    hook_names: list[str],
-    manifest: HarvestManifest,
-    blocks: list[int] | None = None,
-) -> float:
-    """Run every missing block (of ``blocks``, default all); returns tokens/s of this run.
-
-    Shared by the single-process path and the distributed shards (stages/distributed_harvest.py),
-    so both batch the windows of a block identically and store the same bits.
-    """
-    ctx = manifest.tokenization.context_length
-    batch_size = manifest.run.batch_size
-    dtype = TORCH_STORAGE[manifest.storage.dtype]
-    device = model.device
-    pin = device.type == "cuda"
-    special = windows.tokens["is_special"].to_numpy(zero_copy_only=False)
-    missing = writer.missing_blocks()
-    if blocks is not None:  # a distributed shard: its own blocks only
-        wanted = set(blocks)
-        missing = [b for b in missing if b in wanted]
-    total = sum(stop - start for start, stop in map(writer.block_rows, missing))
-    bar = tqdm(
-        total=total, unit="tok", unit_scale=True, desc="harvest", disable=not manifest.run.progress
-    )
-    background = _BlockWriterThread(writer)
-    started = time.perf_counter()
-    try:
-        for block in missing:
-            start, stop = writer.block_rows(block)
-            rows = stop - start
-            stored = torch.empty(
-                (rows, len(hook_names), model.d_model), dtype=dtype, pin_memory=pin
-            )
-            first_window = start // ctx
-            for w in range(first_window, stop // ctx, batch_size):
-                w_stop = min(w + batch_size, stop // ctx)
-                tokens = torch.from_numpy(windows.token_ids[w:w_stop])
-                out = torch.empty(
-                    (w_stop - w, ctx, len(hook_names), model.d_model), dtype=dtype, device=device
-                )
-                model.capture(tokens, hook_names, out)
-                lo = (w - first_window) * ctx
-                stored[lo : lo + out.shape[0] * ctx].copy_(out.flatten(0, 1), non_blocking=pin)
-                bar.update(out.shape[0] * ctx)
-            if pin:
-                torch.cuda.synchronize(device)
-            keep = torch.from_numpy(~special[start:stop])
-            background.put(block, stored, keep)
-        background.close()
-    finally:
-        bar.close()
-    elapsed = time.perf_counter() - started
-    return total / elapsed if elapsed > 0 else float("nan")
-
-
-def create_store(
-    paths: StorePaths,
-    manifest: HarvestManifest,
-    material: dict,
-    manifest_source: str,
-    windows: TokenWindows,
-    model_shape: tuple[int, int],
-    hook_names: list[str],
-) -> StoreWriter:
-    """Tables, manifest.json and every array at final shape: all a harvest writes up front.
-
-    ``material`` is the manifest's cache-key material (computed once by the caller: it
-    hashes the model file); ``model_shape`` is ``(d_model, n_layers)``. The distributed
-    coordinator calls this too, before any worker writes a block. Nothing is created
-    before the model and the text loaded, so a bad manifest leaves no empty partial store
-    behind.
-    """
-    paths.root.mkdir(parents=True, exist_ok=True)
-    d_model, n_layers = model_shape
-    _write_tables(paths, windows)
-    atomic_write_json(
-        paths.manifest,
-        {
-            "key": hash_material(material),
-            "source": manifest_source,
-            "manifest": manifest.model_dump(mode="json"),
-            "key_material": material,
-            "d_model": d_model,
-            "model_n_layers": n_layers,
-        },
-    )
-    return StoreWriter(paths, hook_names, windows.n_tokens, d_model, manifest.storage)
 
 
 def _harvest_here(
@@ -222,14 +81,19 @@ def run(
     ``scheduler`` (a dask address, or ``local:N``) spreads the blocks over dask workers;
     ``shard_blocks`` is the number of blocks per task there (default: automatic).
     """
+    source = manifest_source or "harvest manifest"
+    root = resolve_cache_root(manifest, cache_root)
+    if scheduler is None:  # dask workers may have devices this coordinator lacks
+        check_device(manifest.run.device, f"{source}: field 'run.device'")
+    where = "--cache-root" if cache_root is not None else f"{source}: field 'run.cache_root'"
+    check_writable_dir(root, where)
     material = key_material(manifest)  # hashes the model and text files: once per harvest
     key = hash_material(material)
-    root = resolve_cache_root(manifest, cache_root)
     final = store_dir(root, key)
     if StorePaths(final).completion.is_file():
         return HarvestResult(key, final, cache_hit=True)
     root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(store_lock(root, key))):
+    with exclusive_lock(store_lock(root, key)):  # waits; the lock file goes on exit
         if StorePaths(final).completion.is_file():  # another process finished it meanwhile
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()

@@ -1,15 +1,23 @@
 """Train stage: coder manifests + a finished cache -> checkpoints. Never harvests.
 
 Runs that share a loader signature are stepped on the same batches, so N variants read
-the store once. Each run resumes from its last checkpoint; a finished run is skipped.
+the store once. Each run resumes from its newest valid checkpoint; a run whose ``final/``
+verifies is skipped (a damaged ``final/`` is removed, with a warning, and trained again).
+
+One process per run directory: ``train.lock`` there is taken without waiting, so a second
+``pipeline train`` of the same coder stops at once with a one-line error naming the lock
+(waiting would only make it find the run finished, or race it for the GPU). The lock file
+is removed when the first process exits.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,15 +26,19 @@ from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
 from pipeline.catalog import find_store, write_run_name
+from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.ddp import init_from_env
 from pipeline.harvest_manifest import load_harvest_manifest
-from pipeline.loader import ActivationLoader
+from pipeline.loader import ActivationLoader, split_rows
+from pipeline.locks import exclusive_lock
+from pipeline.manifest_io import ManifestError, check_device, check_writable_dir
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning
 from pipeline.store import ActivationStore, StoreError
+from pipeline.store_format import atomic_write_json
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
 from pipeline.validation import held_out_terms, validation_sample
@@ -66,8 +78,24 @@ def store_layers(manifest: CoderManifest, store: ActivationStore) -> list[int]:
         return list(range(store.n_layers))
     bad = [layer for layer in manifest.layers if layer >= store.n_layers]
     if bad:
-        raise ValueError(f"layers: {bad} out of range: the cache has {store.n_layers} hooks")
+        raise ManifestError(
+            f"coder manifest '{manifest.name}': field 'layers': {bad} out of range: the cache "
+            f"has {store.n_layers} hooks (0..{store.n_layers - 1})"
+        )
     return list(manifest.layers)
+
+
+def check_runnable(manifest: CoderManifest, store: ActivationStore, train_tokens: int) -> None:
+    """What only this machine and this store can tell, before any training starts."""
+    label = f"coder manifest '{manifest.name}'"
+    check_device(manifest.run.device, f"{label}: field 'run.device'")
+    runs_root = manifest.run.runs_root or default_runs_root()
+    check_writable_dir(runs_root, f"{label}: field 'run.runs_root'")
+    if manifest.training.batch_size > train_tokens:
+        raise ManifestError(
+            f"{label}: field 'training.batch_size': {manifest.training.batch_size} is more than "
+            f"the {train_tokens} training tokens of cache {store.key}"
+        )
 
 
 def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
@@ -211,12 +239,34 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
 
     Under torchrun (WORLD_SIZE > 1) every rank trains its rows of each batch (pipeline/ddp.py).
     """
+    with ExitStack() as locks:
+        return _run_locked(manifests, locks)
+
+
+def _is_trained(paths: RunPaths, main: bool) -> bool:
+    """``final/`` counts only when its checksums verify; a damaged one is removed (rank 0)."""
+    if not paths.final.is_dir():
+        return False
+    try:
+        verify_checkpoint(paths.final)
+        return True
+    except CheckpointError as err:
+        if main:
+            warn(f"{paths.final} is not a complete checkpoint ({err}); training it again")
+            shutil.rmtree(paths.final)
+        return False
+
+
+def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -> list[TrainResult]:
     dist = init_from_env()
+    main = dist is None or dist.is_main
     groups: dict[tuple, list[CoderRun]] = defaultdict(list)
     stores: dict[tuple, tuple[ActivationStore, list[int], CoderManifest]] = {}
     results = []
     opened: dict[tuple, ActivationStore] = {}  # variants of one cache: hash and open it once
-    for manifest, base in manifests:
+    checked = []
+    train_tokens: dict[tuple[str, float], int] = {}
+    for manifest, base in manifests:  # every manifest checked before any run starts
         ref = manifest.cache
         where = (ref.key or base / ref.harvest_manifest, ref.root)
         if where not in opened:
@@ -228,8 +278,17 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             spec = manifest.training
             window = resolve_dead_after_tokens(spec.tokens, spec.batch_size)
             config = config.model_copy(update={"dead_after_tokens": window})
+        fraction = manifest.training.validation_fraction
+        if (store.key, fraction) not in train_tokens:
+            rows = split_rows(store, "train", validation_fraction=fraction)
+            train_tokens[store.key, fraction] = len(rows)
+        check_runnable(manifest, store, train_tokens[store.key, fraction])
+        checked.append((manifest, store, layers, config))
+    for manifest, store, layers, config in checked:
         paths = run_paths(manifest, store.key)
-        if paths.final.is_dir():
+        if main:
+            locks.enter_context(exclusive_lock(paths.lock, wait=False, what="`pipeline train`"))
+        if _is_trained(paths, main):
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
         if dist is None or dist.is_main:
@@ -269,6 +328,8 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             centre=spec.centre,
             mode=manifest.run.loader_mode,
             validation_fraction=spec.validation_fraction,
+            resident_max_bytes=manifest.run.resident_max_bytes,
+            verbose=dist is None or dist.is_main,
         )
         held_out = validation_sample(
             store,
@@ -278,6 +339,9 @@ def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
             centre=spec.centre,
             device=torch.device(signature[-1]),
         )
+        for run in runs:
+            if run.is_main:
+                atomic_write_json(run.paths.loader, loader.describe())
         if dist is not None:
             dist.check_batches(loader.n_tokens, spec.batch_size)
         try:

@@ -196,6 +196,9 @@ RELEVANT = {
     "hooks.layers": {"hooks": {"layers": [0, 2]}},
     "hooks.layers.other": {"hooks": {"layers": [1, 2]}},
     "hooks.point": {"hooks": {"point": "mlp_out"}},
+    "hooks.point.resid_mid": {"hooks": {"point": "resid_mid"}},
+    "hooks.point.ln2": {"hooks": {"point": "ln2.hook_normalized"}},
+    "text.max_documents": {"text": {"max_documents": 40}},
     "storage.dtype": {"storage": {"dtype": "float16"}},
     "storage.dtype.fp32": {"storage": {"dtype": "float32"}},
 }
@@ -252,3 +255,36 @@ def test_text_file_order_and_field_change_the_key(tmp_path):
         cache_key(files_manifest([a, b], text_field="body")),
     }
     assert len(keys) == 3
+
+
+def test_new_text_and_hook_spellings_keep_old_keys(tiny_manifest):
+    """Fields added later are left out of the material at their defaults, and a hook may
+    be spelt with or without its 'hook_' prefix."""
+    assert cache_key(tiny_manifest(hooks={"point": "hook_resid_post"})) == TINY_RANDOM_KEY
+    text = key_material(tiny_manifest())["text"]
+    assert not {"dataset_config", "token_field", "max_documents", "streaming"} & set(text)
+
+
+def test_dataset_config_and_token_column_change_the_key_but_streaming_does_not(tmp_path):
+    def hub(**text) -> str:
+        spec = {"source": "hf_dataset", "dataset": "wikitext", **text}
+        return cache_key(
+            HarvestManifest.model_validate({"model": {"source": "random"}, "text": spec})
+        )
+
+    plain = hub()
+    assert hub(dataset_config="wikitext-2-raw-v1") != plain
+    assert hub(token_field="input_ids") != plain
+    assert hub(max_documents=100) != plain
+    assert hub(streaming=True, max_documents=100) == hub(max_documents=100)
+    corpus = tmp_path / "ids.jsonl"
+    corpus.write_text('{"text": "ab", "ids": [1, 2]}\n')
+    assert cache_key(files_manifest([corpus])) != cache_key(
+        HarvestManifest.model_validate(
+            {
+                "model": {"source": "random"},
+                "text": {"source": "files", "paths": [str(corpus)], "token_field": "ids"},
+                "tokenization": {"context_length": 32, "num_tokens": 256},
+            }
+        )
+    )

@@ -58,6 +58,7 @@ def test_coder_round_trip(tmp_path, cfg):
     coder, _, x = _trained(cfg)
     ckpt.save_coder(tmp_path / "ck", coder, {"step": 3, "scales": [1.0, 2.0]})
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == [
+        "checksums.json",
         "coder.json",
         "coder.safetensors",
     ]
@@ -108,7 +109,7 @@ def test_mismatched_weights_are_detected(tmp_path):
     (tmp_path / "a" / "coder.safetensors").write_bytes(
         (tmp_path / "b" / "coder.safetensors").read_bytes()
     )
-    with pytest.raises(ValueError, match="hash mismatch"):
+    with pytest.raises(ValueError, match="mismatch"):
         ckpt.load_coder(tmp_path / "a")
 
 

@@ -107,3 +107,34 @@ def test_dockerfile_installs_the_project_on_a_cuda_image(dockerfile):
     assert any(re.search(r"pip install (-e )?\.(\s|$)", run) for run in dockerfile["RUN"])
     assert json.loads(dockerfile["ENTRYPOINT"][-1]) == ["pipeline"]
     assert "FMX_DATA_DIR=/data" in " ".join(dockerfile["ENV"])
+
+
+def test_image_runs_as_a_non_root_user_who_owns_the_volume(dockerfile):
+    (user,) = dockerfile["USER"]
+    assert user not in ("root", "0") and not user.startswith(("root:", "0:")), user
+    volumes = dockerfile["VOLUME"]
+    assert volumes == ["/data"]
+    chown = [run for run in dockerfile["RUN"] if "chown" in run]
+    assert any(re.search(rf"chown\s+{user}(:\S+)?\s+/data(\s|$)", run) for run in chown), (
+        "/data must belong to the image's user, or a fresh volume is not writable"
+    )
+
+
+def test_run_service_writes_results_to_the_data_volume(compose):
+    service = compose["services"]["run"]
+    command = service["command"]
+    assert command[0] == "run"
+    assert (REPO / command[1]).is_file(), f"{command[1]} is not a manifest in the repository"
+    results = command[command.index("--results") + 1]
+    data_dir = service["environment"]["FMX_DATA_DIR"]
+    assert results == data_dir or results.startswith(data_dir.rstrip("/") + "/"), (
+        f"results go to {results}, outside the data volume at {data_dir}"
+    )
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in service["volumes"]}
+    assert mounts.get(data_dir) in set(compose["volumes"])
+
+
+def test_readme_shows_the_run_command(compose):
+    readme = (DOCKER / "README.md").read_text()
+    assert "docker compose -f docker/compose.yaml --profile run run --rm run" in readme
+    assert "/data/results" in readme

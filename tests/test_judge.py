@@ -24,12 +24,11 @@ from pipeline.evaluation.judge import (
     purity_scores,
     sample_alive,
 )
+from pipeline.evaluation.latent_details import Context
 from pipeline.evaluation.top_contexts import (
     TokenView,
     TopContexts,
-    coder_activations,
     format_context,
-    latent_contexts,
     window_rows,
 )
 from tests.test_reconstruction_metrics import LinearReluCoder
@@ -272,7 +271,14 @@ def test_windows_stop_at_documents_and_context_windows() -> None:
     assert format_context(["The", " big", " city"], np.array([False, True, True])) == (
         "The <<big>> <<city>>"
     )
-    assert latent_contexts(view, np.array([4, -1]), before=2) == ["city of <<Paris>>"]
+    assert marked(view, 4, np.zeros(len(view.text)), before=2) == "city of <<Paris>>"
+
+
+def marked(view: TokenView, row: int, acts: np.ndarray, before: int = 12) -> str:
+    """The report's marking (``latent_details.Context``) of the window around ``row``."""
+    rows = window_rows(view, row, before, 4)
+    context = Context(rows, [view.text[r] for r in rows], acts[rows], row, 1.0)
+    return context.marked()
 
 
 def test_contexts_marked_from_coder_activations() -> None:
@@ -280,5 +286,6 @@ def test_contexts_marked_from_coder_activations() -> None:
     x = torch.zeros(len(view.text), 1, 2)
     x[[2, 4], 0, 0] = 1.0  # latent 0 fires on " city" and " Paris"
     coder = LinearReluCoder(torch.eye(2).view(1, 2, 2), torch.eye(2).view(2, 1, 2))
-    acts = coder_activations(coder, lambda a, b: x[a:b], latent=0)
-    assert latent_contexts(view, np.array([4]), acts) == ["The <<city>> of <<Paris>>"]
+    with torch.no_grad():
+        acts = coder.encode(x)[:, 0].numpy()
+    assert marked(view, 4, acts) == "The <<city>> of <<Paris>>"

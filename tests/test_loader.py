@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,6 +13,15 @@ from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.store import ActivationStore
 from stages import harvest
 from tests.helpers import TINY, harvest_tiny
+
+MODES = ["resident", "memmap", "stream"]
+
+
+@pytest.fixture(autouse=True)
+def decoded_dir(tmp_path, monkeypatch) -> Path:
+    """memmap mode's decoded files go to a per-test folder, never the shared data dir."""
+    monkeypatch.setenv("FMX_DECODED_DIR", str(tmp_path / "decoded"))
+    return tmp_path / "decoded"
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +43,7 @@ def _expected_ids(store: ActivationStore, rows: np.ndarray) -> list[float]:
     return raw[:, 0, :3].sum(-1).tolist()
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream"])
+@pytest.mark.parametrize("mode", MODES)
 def test_every_train_token_once_per_epoch(store, mode):
     loader = ActivationLoader(store, batch_size=100, mode=mode, buffer_chunks=2, seed=3)
     rows = split_rows(store, "train")
@@ -70,7 +81,7 @@ def test_splits_are_document_disjoint_and_skip_special_tokens(store):
     assert both.size == 0
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream"])
+@pytest.mark.parametrize("mode", MODES)
 def test_order_is_seeded_and_differs_between_epochs(store, mode):
     first = ActivationLoader(store, batch_size=64, mode=mode, buffer_chunks=2, seed=1)
     again = ActivationLoader(store, batch_size=64, mode=mode, buffer_chunks=2, seed=1)
@@ -80,7 +91,7 @@ def test_order_is_seeded_and_differs_between_epochs(store, mode):
     assert _row_ids(first, 0) != _row_ids(other, 0)
 
 
-@pytest.mark.parametrize("mode", ["resident", "stream"])
+@pytest.mark.parametrize("mode", MODES)
 def test_skip_batches_resumes_the_same_stream(store, mode):
     loader = ActivationLoader(store, batch_size=48, mode=mode, buffer_chunks=1, seed=5)
     full = list(loader.epoch(2))
@@ -115,3 +126,97 @@ def test_layer_selection(store):
 def test_unknown_mode_is_rejected(store):
     with pytest.raises(ValueError, match="loader mode"):
         ActivationLoader(store, batch_size=8, mode="magic")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_batches_cover_many_chunks(store, mode):
+    """A real shuffle: the first batch draws from (nearly) every chunk, not a few."""
+    loader = ActivationLoader(store, batch_size=64, mode=mode, seed=4)
+    first = loader.normaliser.invert(next(iter(loader.epoch(0))))[:, 0, :3].sum(-1)
+    raw = store.read(0, store.n_tokens)[:, 0, :3].sum(-1)
+    rows = [int(torch.argmin((raw - value).abs())) for value in first.tolist()]
+    chunks = {row // store.chunk_tokens for row in rows}
+    assert len(chunks) == store.n_chunks
+
+
+def test_stream_window_bounds_the_shuffle(store):
+    """A one-chunk window keeps each full batch inside one chunk (carried rows aside)."""
+    loader = ActivationLoader(store, batch_size=16, mode="stream", window_bytes=1)
+    assert loader.describe()["window_rows"] == 1  # at least one chunk per window
+    windows = loader.reader.windows(0)
+    assert all(len(chunks) == 1 for _, chunks, _ in windows)
+    assert len(windows) == sum(1 for r in loader.decoder.chunk_rows if len(r))
+
+
+def test_memmap_file_is_checksummed_and_rebuilt(store, decoded_dir, capsys):
+    loader = ActivationLoader(store, batch_size=32, mode="memmap")
+    info = loader.describe()
+    path = Path(info["file"])
+    assert path.parent == decoded_dir and info["built"]
+    assert path.stat().st_size == info["file_bytes"]
+    expected = torch.cat(list(loader.epoch(0)))
+    loader.close()
+    again = ActivationLoader(store, batch_size=32, mode="memmap")
+    assert not again.describe()["built"]  # verified, reused
+    again.close()
+    with open(path, "r+b") as handle:  # flip one bit
+        handle.seek(1000)
+        byte = handle.read(1)
+        handle.seek(1000)
+        handle.write(bytes([byte[0] ^ 1]))
+    rebuilt = ActivationLoader(store, batch_size=32, mode="memmap")
+    assert rebuilt.describe()["built"]
+    assert "checksum mismatch" in capsys.readouterr().out
+    assert torch.equal(torch.cat(list(rebuilt.epoch(0))), expected)
+    assert not list(decoded_dir.glob("*.incomplete"))
+
+
+def test_memmap_key_follows_layers_and_split(store):
+    a = ActivationLoader(store, batch_size=8, mode="memmap", layers=[0, 1])
+    b = ActivationLoader(store, batch_size=8, mode="memmap", layers=[1, 2])
+    c = ActivationLoader(store, batch_size=8, mode="memmap", layers=[0, 1], split="test")
+    paths = {a.describe()["file"], b.describe()["file"], c.describe()["file"]}
+    assert len(paths) == 3
+    assert all(store.key in Path(p).name for p in paths)
+
+
+def test_auto_picks_by_budget(store, tmp_path):
+    resident = ActivationLoader(store, batch_size=8, resident_max_bytes=1 << 40)
+    assert resident.mode == "resident"
+    assert "fits the resident budget" in resident.describe()["reason"]
+    memmap = ActivationLoader(store, batch_size=8, resident_max_bytes=1)
+    assert memmap.mode == "memmap"
+    assert "disk budget" in memmap.describe()["reason"]
+
+
+def test_auto_streams_when_neither_budget_allows(store, monkeypatch):
+    monkeypatch.setattr("pipeline.readers.budget.disk_budget", lambda path: 0)
+    loader = ActivationLoader(store, batch_size=8, resident_max_bytes=1)
+    assert loader.mode == "stream"
+    assert "disk budget" in loader.describe()["reason"]
+
+
+def test_resident_budget_comes_from_the_device():
+    from pipeline.readers.budget import available_ram, resident_budget
+
+    budget = resident_budget(torch.device("cpu"), fraction=0.5)
+    assert 0 < budget <= available_ram()
+
+
+def test_stream_window_defaults_to_a_million_tokens_when_ram_allows(monkeypatch):
+    from pipeline.readers import budget
+
+    monkeypatch.setattr(budget, "available_ram", lambda: 64 << 30)
+    assert budget.stream_window_rows(row_bytes=1000) >= 1 << 20
+    monkeypatch.setattr(budget, "available_ram", lambda: 1 << 30)  # 1M rows would not fit
+    assert budget.stream_window_rows(row_bytes=1000) < 1 << 20
+
+
+def test_stream_look_ahead_serves_the_same_next_epoch(store):
+    """The next epoch's first window, decoded ahead, equals a fresh decode of it."""
+    ahead = ActivationLoader(store, batch_size=40, mode="stream", buffer_chunks=2, seed=6)
+    fresh = ActivationLoader(store, batch_size=40, mode="stream", buffer_chunks=2, seed=6)
+    list(ahead.epoch(0))
+    assert ahead.reader._ahead  # epoch 1's first window was submitted during epoch 0
+    for a, b in zip(ahead.epoch(1), fresh.epoch(1), strict=True):
+        assert torch.equal(a, b)

@@ -23,7 +23,7 @@ BAD_YAML = {
         "tokenization.prepend_bos",
         "bool",
     ),
-    "bad-literal": ("hooks:\n  point: resid_pre\n", "hooks.point", "resid_post"),
+    "bad-literal": ("hooks:\n  point: blocks.3.hook_resid_pre\n", "hooks.point", "resid_post"),
     "bad-list-item": ("text:\n  languages: [en, de]\n", "text.languages.1", "'en'"),
     "out-of-range": ("tokenization:\n  test_fraction: 1.5\n", "tokenization.test_fraction", "1"),
     "gguf-without-path": ("model:\n  source: gguf\n", "model.path", "required"),
@@ -69,8 +69,7 @@ def test_every_problem_gets_its_own_line(tmp_path):
         load_harvest_manifest(path)
     assert str(caught.value).splitlines() == [
         f"{path}: field 'model.sourc': unknown field",
-        f"{path}: field 'tokenization.seed': Input should be a valid integer, unable to parse "
-        "string as an integer",
+        f"{path}: field 'tokenization.seed': must be an integer, not 'x'",
     ]
 
 
@@ -128,7 +127,7 @@ progress = false
 
 
 def test_toml_errors_name_the_dotted_field(tmp_path):
-    path = write(tmp_path, "bad.toml", '[hooks]\npoint = "logits"\n')
+    path = write(tmp_path, "bad.toml", '[hooks]\npoint = "blocks.0.logits"\n')
     with pytest.raises(ManifestError) as caught:
         load_harvest_manifest(path)
     assert str(caught.value).startswith(f"{path}: field 'hooks.point': ")
@@ -151,8 +150,7 @@ CLI_CASES = {
     "unknown-field": ("model:\n  sourc: random\n", "field 'model.sourc': unknown field"),
     "wrong-type": (
         "tokenization:\n  num_tokens: lots\n",
-        "field 'tokenization.num_tokens': Input should be a valid integer, unable to parse "
-        "string as an integer",
+        "field 'tokenization.num_tokens': must be an integer, not 'lots'",
     ),
     "gguf-without-path": (
         "model:\n  source: gguf\n",
@@ -196,6 +194,7 @@ def test_cli_bad_yaml_is_an_error_not_a_traceback(tmp_path):
     assert result.exit_code == 1
     assert result.output.startswith(f"Error: {path}: not valid yaml: ")
     assert "Traceback" not in result.output
+    assert len(result.output.splitlines()) == 1, result.output
 
 
 def all_commands(group: click.Group, prefix: tuple[str, ...] = ()):

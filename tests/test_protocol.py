@@ -251,3 +251,31 @@ def test_logged_terms_convert_once_and_keep_plain_numbers():
     terms = {"fvu": torch.tensor(0.25), "lr": 1e-3, "l0": torch.tensor([4.0])}
     assert terms_to_floats(terms) == {"fvu": 0.25, "lr": 1e-3, "l0": 4.0}
     assert terms_to_floats({"lr": 0.5}) == {"lr": 0.5}
+
+
+def test_recovery_table_folds_seeds_per_variant_and_role() -> None:
+    from pipeline.results_table import recovery_table, render_recovery
+
+    def entry(mmcs: float, spanning: float) -> dict:
+        kinds = {"single": {"recovered": 1.0}, "spanning": {"recovered": spanning}}
+        summary = {"mmcs": mmcs, "recovered": spanning, "by_kind": kinds}
+        return {"summary": summary, "calibration": {"fc": {"spearman": 0.9}}}
+
+    summary = {
+        "variants": [
+            {"variant": f"cc s{s}", "protocol": {"variant": "cc", "role": role, "seed": s}}
+            for s, role in ((0, "trained"), (1, "trained"))
+        ]
+        + [{"variant": "cc untrained s0", "protocol": {"variant": "cc", "role": "control"}}],
+        "recovery": {
+            "cc s0": entry(0.9, 0.8),
+            "cc s1": entry(0.8, 0.6),
+            "cc untrained s0": entry(0.1, 0.0),
+        },
+    }
+    trained, control = recovery_table(summary)
+    assert (trained["role"], trained["seeds"], control["role"]) == ("trained", 2, "control")
+    assert trained["mmcs"] == pytest.approx(0.85) and trained["recovered_spanning_sd"] > 0
+    text = render_recovery([trained, control])
+    assert "| cc | trained | 0.850 ± 0.071 |" in text and "ρ(fc, span)" in text
+    assert render_recovery([]) == ""

@@ -59,7 +59,10 @@ async function main() {
     const back = page.querySelector('a[href]');
     const count = selector => page.querySelectorAll(selector).length;
     pages.push({href, h1: h1 && h1.textContent, contexts: count('.context'), marks: count('mark'),
-                charts: count('svg'), back: back && back.href});
+                charts: count('svg'), back: back && back.href, bands: count('.band'),
+                chosen: page.querySelector('.chosen') && page.querySelector('.chosen').textContent,
+                axes: [...page.querySelectorAll('svg')].map(s => s.querySelectorAll('text').length),
+                broken: page.body.textContent.includes('\ufffd')});
   }
   let backTitle = null;
   if (pages.length) { await open(frame, pages[0].back); backTitle = frame.contentDocument.title; }
@@ -117,13 +120,19 @@ def test_report_renders_and_every_link_opens(report: Path, tmp_path: Path) -> No
     seen = json.loads(html.unescape(found.group(1)))
     assert seen["title"] == "fmxcoders evaluation"
     assert seen["rows"] >= 1 + len(CODERS)  # header, variants (and baselines)
-    assert len(seen["images"]) == 4
+    assert len(seen["images"]) == 6  # 4 comparison plots, training curves, L0 vs FVU
     for src, width, height in seen["images"]:
         assert width > 300 and height > 200, f"{src} did not load"
-    assert len(seen["pages"]) == 2 * len(CODERS)
+    written = list((report / "latents").rglob("*.html"))
+    assert len(seen["pages"]) == len(written) >= 2 * len(CODERS)  # random + top picks
+    chosen = {page["chosen"] for page in seen["pages"]}
+    assert "random sample of alive latents" in chosen, chosen
+    assert any(c.startswith("top by coherence") for c in chosen), chosen
     for page in seen["pages"]:
         assert page["h1"] and "latent" in page["h1"], page
         assert page["contexts"] > 0 and page["marks"] > 0 and page["charts"] == 3, page
+        assert page["bands"] >= 1 and not page["broken"], page
+        assert all(n >= 4 for n in page["axes"]), "a chart lacks its title or axis labels"
         assert page["back"] == index, page
     assert seen["backTitle"] == "fmxcoders evaluation"
 

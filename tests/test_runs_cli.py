@@ -117,6 +117,7 @@ def test_older_run_without_normalisation_file_exports_from_its_cache(
     old_run = tmp_path / trained_runs.key / trained_runs.sae.name
     shutil.copytree(trained_runs.sae, old_run)
     (old_run / "final" / "normalisation.safetensors").unlink()
+    (old_run / "final" / "checksums.json").unlink()  # runs that old had no checksums either
     assert read_record(old_run / "final") is None
     out = tmp_path / "out"
     result = invoke("export", str(old_run), str(out), "--format", "saelens")

@@ -27,13 +27,22 @@ def topk_codes(pre: Tensor, k: int, n_groups: int = 1) -> Tensor:
     return torch.zeros_like(p).scatter(-1, idx, vals.relu()).view_as(pre)
 
 
+def pool_groups(t: Tensor, n_groups: int) -> Tensor:
+    """``[batch, G * m]`` -> ``[G, batch * m]``: each group's values over the whole batch
+    in one row (BatchTopK selects there; pipeline/ddp.py does too, across ranks)."""
+    return _grouped(t, n_groups).transpose(0, 1).reshape(n_groups, -1)
+
+
+def unpool_groups(pooled: Tensor, like: Tensor) -> Tensor:
+    """The inverse of ``pool_groups``, shaped like ``like`` (``[batch, G * m]``)."""
+    return pooled.view(pooled.shape[0], like.shape[0], -1).transpose(0, 1).reshape_as(like)
+
+
 def batch_topk_codes(pre: Tensor, k: int, n_groups: int = 1) -> Tensor:
     """Keep the ``k * batch`` largest pre-activations of each group over the whole batch."""
-    batch = pre.shape[0]
-    p = _grouped(pre, n_groups).transpose(0, 1).reshape(n_groups, -1)  # [G, B * m]
-    vals, idx = p.topk(k * batch, dim=-1, sorted=False)
-    out = torch.zeros_like(p).scatter(-1, idx, vals.relu())
-    return out.view(n_groups, batch, -1).transpose(0, 1).reshape_as(pre)
+    p = pool_groups(pre, n_groups)  # [G, B * m]
+    vals, idx = p.topk(k * pre.shape[0], dim=-1, sorted=False)
+    return unpool_groups(torch.zeros_like(p).scatter(-1, idx, vals.relu()), pre)
 
 
 class Activation(nn.Module):
@@ -88,9 +97,19 @@ class BatchTopK(Activation):
 
     @torch.no_grad()
     def observe(self, codes: Tensor) -> None:
-        # Tensor ops only (no .item()): this runs every step and must not sync the GPU.
-        f = _grouped(codes.detach(), self.n_groups).transpose(0, 1).reshape(self.n_groups, -1)
-        min_pos = torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(-1).float()
+        self.update_threshold(self.min_kept_code(codes))
+
+    @torch.no_grad()
+    def min_kept_code(self, codes: Tensor) -> Tensor:
+        """Each group's smallest positive code in the batch, ``inf`` where none fired."""
+        f = pool_groups(codes.detach(), self.n_groups)
+        return torch.where(f > 0, f, torch.full_like(f, float("inf"))).amin(-1).float()
+
+    @torch.no_grad()
+    def update_threshold(self, min_pos: Tensor) -> None:
+        """The EMA step from ``min_kept_code`` (of one batch, or the global batch under DDP).
+
+        Tensor ops only (no .item()): this runs every step and must not sync the GPU."""
         valid = torch.isfinite(min_pos)
         ema = self.momentum * self.threshold + (1 - self.momentum) * min_pos
         new = torch.where(self.threshold_updates == 0, min_pos, ema)

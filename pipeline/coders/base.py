@@ -376,5 +376,9 @@ class SparseCoder(Coder):
 
     @torch.no_grad()
     def _track_firing(self, f: Tensor) -> None:
-        fired = (f > 0).any(0)
-        self.tokens_since_fired.add_(f.shape[0]).masked_fill_(fired, 0)
+        self.record_firing((f > 0).any(0), f.shape[0])
+
+    def record_firing(self, fired: Tensor, rows: int) -> None:
+        """Dead-latent counters advance by ``rows`` and reset where a latent ``fired``
+        (pipeline/ddp.py passes the global batch's)."""
+        self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)

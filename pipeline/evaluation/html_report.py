@@ -1,46 +1,47 @@
-"""A static HTML report: an index (comparison table, plots, sampled latents) and one page
-per sampled latent (marked top contexts, activation histogram, per-layer decoder norms and
-encoder contributions, logit effects). Plain files with relative links, no scripts, no
-external assets; every piece of text goes through ``html.escape``.
+"""A static HTML report: an index (comparison table, plots, latent lists) and one page per
+chosen latent (contexts by activation band, activation histogram, per-layer decoder norms
+and encoder contributions, logit effects). Plain files with relative links, no scripts, no
+external assets. Pages are Jinja2 templates (``templates/``) with autoescaping on, so every
+piece of text from the data (token text, titles, explanations) is escaped.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from html import escape
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
+import jinja2
 import numpy as np
 
-from pipeline.evaluation.latent_details import LatentDetail
+from pipeline.evaluation.latent_details import Context, LatentDetail
 from pipeline.evaluation.report import layer_number
 from pipeline.evaluation.results import COMPARE_COLUMNS
 from pipeline.evaluation.run_metrics import HIST_EDGES
 from pipeline.paths import ReportPaths
 
-STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; padding: 0 1.5em; max-width: 1150px;
-  color: #222; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
-th, td { border: 1px solid #ccc; padding: 3px 7px; text-align: right; }
-th:first-child, td:first-child, .text { text-align: left; }
-tr.baseline td { color: #666; font-style: italic; }
-img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
-.context { font-family: monospace; font-size: 13px; white-space: pre-wrap; margin: 3px 0;
-  padding: 4px 6px; background: #fafafa; border-left: 3px solid #ddd; }
-mark { background: rgba(255, 140, 0, var(--a)); padding: 0 1px; }
-mark.top { outline: 2px solid #c00; }
-.note { color: #666; font-size: 13px; }
-.grid { display: flex; flex-wrap: wrap; gap: 2em; }
-"""
+# Summary keys that are bookkeeping, not metrics: never shown as extra columns.
+HIDDEN_KEYS = {"run_dir", "report", "layers", "judge", "judge_rated", "features", "step"}
+PLOT_TITLES = {
+    "fvu_per_layer": "Reconstruction per layer",
+    "l0_fvu": "L0 against FVU across variants",
+    "training": "Training curves (metrics.jsonl)",
+    "neff_hist": "Functional coherence (N_eff)",
+    "spread": "Decoder spread against functional spread",
+    "probing_f1": "Sparse probing F1 against k",
+}
 
 
-def _page(title: str, body: str) -> str:
-    return (
-        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{escape(title)}</title><style>{STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
+@cache
+def environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.PackageLoader("pipeline.evaluation", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
     )
 
 
@@ -50,210 +51,256 @@ def _fmt(value, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _bars(values, labels, title: str, width: int = 420, height: int = 150) -> str:
-    """A small SVG bar chart; labels under the bars, the title above."""
+@dataclass(frozen=True)
+class Column:
+    key: str
+    title: str
+    fmt: str
+    text: bool = False
+
+
+def columns_present(rows: list[dict]) -> list[Column]:
+    """The known columns with a value in some row, in their usual order, then any other
+    numeric metric the rows carry (so new summary fields show without code changes here)."""
+    known = {key for key, _, _ in COMPARE_COLUMNS}
+    out = [
+        Column(key, title, fmt, key in ("variant", "kind"))
+        for key, title, fmt in COMPARE_COLUMNS
+        if key in ("variant", "kind") or any(r.get(key) is not None for r in rows)
+    ]
+    extra = sorted(
+        {
+            key
+            for r in rows
+            for key, value in r.items()
+            if key not in known | HIDDEN_KEYS
+            and isinstance(value, int | float)
+            and not isinstance(value, bool)
+        }
+    )
+    return out + [Column(key, key, "{:.3g}") for key in extra]
+
+
+def _cell(row: dict, col: Column) -> str:
+    value = row.get(col.key)
+    if col.key == "judge_good" and value is not None:
+        return f"{value}/{row.get('judge_rated', 0)}"
+    return _fmt(value, col.fmt)
+
+
+def bar_chart(values, labels, title: str, xlabel: str, ylabel: str) -> dict:
+    """Geometry of a small bar chart for the ``bar_chart`` template macro."""
+    width, height, left, top, bottom_pad = 440, 210, 46, 24, 38
     values = np.nan_to_num(np.asarray(values, dtype=float))
     n = max(len(values), 1)
-    top = float(values.max()) if values.size and values.max() > 0 else 1.0
-    bar_w = (width - 20) / n
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 40}" '
-        f'role="img" aria-label="{escape(title)}">',
-        f'<text x="4" y="12" font-size="12">{escape(title)}</text>',
-    ]
+    peak = float(values.max()) if values.size and values.max() > 0 else 1.0
+    right, bottom = width - 8, height - bottom_pad
+    bar_w = (right - left) / n
     step = max(1, n // 12)
+    bars = []
     for i, (v, label) in enumerate(zip(values, labels, strict=True)):
-        h = (height - 20) * v / top
-        x = 10 + i * bar_w
-        parts.append(
-            f'<rect x="{x:.1f}" y="{height - h:.1f}" width="{max(bar_w - 1, 1):.1f}" '
-            f'height="{h:.1f}" fill="#4a7fb5"><title>{escape(str(label))}: {v:.4g}'
-            "</title></rect>"
+        h = (bottom - top) * v / peak
+        x = left + i * bar_w
+        bars.append(
+            {
+                "x": f"{x + 0.5:.1f}",
+                "y": f"{bottom - h:.1f}",
+                "w": f"{max(bar_w - 1, 1):.1f}",
+                "h": f"{h:.1f}",
+                "cx": f"{x + bar_w / 2:.1f}",
+                "label": str(label),
+                "value": f"{v:.4g}",
+                "tick": i % step == 0,
+            }
         )
-        if i % step == 0:
-            parts.append(
-                f'<text x="{x + bar_w / 2:.1f}" y="{height + 14}" font-size="10" '
-                f'text-anchor="middle">{escape(str(label))}</text>'
-            )
-    parts.append("</svg>")
-    return "".join(parts)
+    return {
+        "width": width,
+        "height": height,
+        "left": left,
+        "right": right,
+        "top": top,
+        "bottom": bottom,
+        "y_max": f"{peak:.3g}",
+        "bars": bars,
+        "title": title,
+        "xlabel": xlabel,
+        "ylabel": ylabel,
+    }
 
 
-def _context_html(context) -> str:
-    peak = max(float(context.acts.max()), context.top_value, 1e-9)
-    out = []
-    for row, text, act in zip(
-        context.rows.tolist(), context.texts, context.acts.tolist(), strict=True
-    ):
-        shown = escape(text)
-        if act > 0 or row == context.top_row:
-            cls = ' class="top"' if row == context.top_row else ""
-            alpha = 0.15 + 0.85 * max(act, 0) / peak
-            shown = f'<mark{cls} style="--a:{alpha:.2f}" title="{act:.3g}">{shown}</mark>'
-        out.append(shown)
-    value = f'<span class="note">({context.top_value:.3g})</span>'
-    return f'<div class="context">{"".join(out)}  {value}</div>'
+def _context(c: Context) -> dict:
+    peak = max(float(c.acts.max()) if c.acts.size else 0.0, c.top_value, 1e-9)
+    tokens = []
+    for row, text, act in zip(c.rows.tolist(), c.texts, c.acts.tolist(), strict=True):
+        top = row == c.top_row
+        tokens.append(
+            {
+                "text": text,
+                "marked": act > 0 or top,
+                "top": top,
+                "alpha": f"{0.15 + 0.85 * max(act, 0) / peak:.2f}",
+                "act": f"{act:.3g}",
+            }
+        )
+    return {"tokens": tokens, "value": f"{c.top_value:.3g}", "doc": c.doc_label}
 
 
-def latent_page(d: LatentDetail, hooks: list[str], slug: str) -> str:
+def _bands(contexts: list[Context]) -> list[dict]:
+    bands: dict[str, list[dict]] = {}
+    for c in contexts:
+        bands.setdefault(c.band, []).append(_context(c))
+    return [{"label": label, "contexts": items} for label, items in bands.items()]
+
+
+def _shown(token: str) -> str:
+    """A vocabulary entry, quoted so spaces show; byte pieces (``<bytes ..>``) as they are."""
+    return token if token.startswith("<bytes ") else repr(token)
+
+
+def latent_page(d: LatentDetail, hooks: list[str], logits_skipped: str) -> str:
     layers = [layer_number(h) for h in hooks]
-    rating = "-" if d.rating is None else str(d.rating)
-    stats = (
-        "<table>"
-        f"<tr><th>frequency</th><td>{d.frequency:.4%}</td></tr>"
-        f"<tr><th>N_eff (reads from)</th><td>{_fmt(d.fc, '{:.2f}')}</td></tr>"
-        f"<tr><th>D_eff (writes to)</th><td>{_fmt(d.d_eff, '{:.2f}')}</td></tr>"
-        f"<tr><th>purity</th><td>{_fmt(d.purity, '{:.2f}')} "
-        f"({escape(d.purity_class)})</td></tr>"
-        f"<tr><th>judge rating</th><td>{escape(rating)}</td></tr>"
-        f'<tr><th>explanation</th><td class="text">{escape(d.explanation)}</td></tr>'
-        "</table>"
-    )
+    stats = [
+        ("chosen as", d.chosen_by),
+        ("frequency", f"{d.frequency:.4%} of held-out tokens"),
+        ("N_eff (reads from)", _fmt(d.fc, "{:.2f}")),
+        ("D_eff (writes to)", _fmt(d.d_eff, "{:.2f}")),
+        ("purity", f"{_fmt(d.purity, '{:.2f}')} ({d.purity_class})"),
+        ("judge rating", "-" if d.rating is None else str(d.rating)),
+        ("explanation", d.explanation),
+    ]
     lo = HIST_EDGES[:-1]
     nonzero = np.flatnonzero(d.histogram)
     span = slice(nonzero.min(), nonzero.max() + 1) if nonzero.size else slice(0, len(lo))
-    hist = _bars(
-        d.histogram[span],
-        [f"{v:.1f}" for v in lo[span]],
-        "activation histogram (log10 activation, held-out tokens)",
-    )
-    charts = (
-        '<div class="grid">'
-        + hist
-        + _bars(d.decoder_norms, layers, "decoder norm per layer (raw units)")
-        + _bars(d.contributions, layers, "encoder contribution share per layer (top contexts)")
-        + "</div>"
-    )
-    if d.logits_top:
-        rows = "".join(
-            f'<tr><td class="text">{escape(repr(a))}</td><td>{va:.3g}</td>'
-            f'<td class="text">{escape(repr(b))}</td><td>{vb:.3g}</td></tr>'
-            for (a, va), (b, vb) in zip(d.logits_top, d.logits_bottom, strict=True)
-        )
-        logits = (
-            f"<h2>Logit effects</h2><p class='note'>decoder direction at "
-            f"{escape(d.logit_layer)} through the final norm gain and W_U (logit lens)</p>"
-            f"<table><tr><th>promoted</th><th></th><th>suppressed</th><th></th></tr>"
-            f"{rows}</table>"
-        )
-    else:
-        logits = (
-            "<h2>Logit effects</h2><p class='note'>Omitted: the model was not loaded "
-            "(evaluated with --no-splice), so its unembedding is not available.</p>"
-        )
-    contexts = "".join(_context_html(c) for c in d.contexts) or "<p>no contexts</p>"
-    body = (
-        f'<p><a href="../../index.html">&larr; back to the report</a></p>'
-        f"<h1>{escape(d.variant)} &middot; latent {d.latent}</h1>{stats}{charts}"
-        f"<h2>Top-activating contexts</h2><p class='note'>held-out tokens; highlighted tokens "
-        f"are active (darker = stronger), the outlined one is the top token.</p>{contexts}"
-        f"{logits}"
-    )
-    return _page(f"{d.variant} latent {d.latent}", body)
-
-
-def _table(summaries: list[dict], baselines: list[dict]) -> str:
-    head = "".join(
-        f'<th class="text">{escape(title)}</th>' if key == "kind" else f"<th>{escape(title)}</th>"
-        for key, title, _ in COMPARE_COLUMNS
-    )
-    rows = []
-    for row in [*summaries, *baselines]:
-        cells = []
-        for key, _, fmt in COMPARE_COLUMNS:
-            value = row.get(key)
-            if key == "judge_good" and value is not None:
-                text = f"{value}/{row.get('judge_rated', 0)}"
-            else:
-                text = _fmt(value, fmt)
-            cells.append(
-                f'<td class="text">{escape(text)}</td>'
-                if key in ("variant", "kind")
-                else f"<td>{escape(text)}</td>"
-            )
-        cls = ' class="baseline"' if row.get("kind") == "baseline" else ""
-        rows.append(f"<tr{cls}>{''.join(cells)}</tr>")
-    legend = (
-        "<p class='note'>FVU, MSE (raw units), FC and D_eff are means over layers or alive "
-        "latents; fragile: share of latents halved by masking one layer; F1@k: mean probe F1 "
-        "with k latents; coherent: sampled latents rated >= 4 by the judge (purity >= 0.5 for "
-        "the offline proxy); CE score: spliced-in loss recovered, mean over layers. Baselines "
-        "pick their best layer by mean test F1.</p>"
-    )
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{legend}"
-
-
-def _latent_row(d: LatentDetail, slug: str) -> str:
-    rating = "-" if d.rating is None else str(d.rating)
-    first = (d.contexts[0].marked() if d.contexts else "")[:120]
+    charts = [
+        bar_chart(
+            d.histogram[span],
+            [f"{v:.1f}" for v in lo[span]],
+            "Activation histogram (held-out tokens)",
+            "log10 activation (bin start)",
+            "tokens (count)",
+        ),
+        bar_chart(
+            d.decoder_norms,
+            layers,
+            "Decoder norm per layer",
+            "layer (block index)",
+            "||W_dec|| (raw units)",
+        ),
+        bar_chart(
+            d.contributions,
+            layers,
+            "Encoder contribution per layer (top contexts)",
+            "layer (block index)",
+            "share of positive input (0-1)",
+        ),
+    ]
+    logits = [
+        (_shown(a), f"{va:.3g}", _shown(b), f"{vb:.3g}")
+        for (a, va), (b, vb) in zip(d.logits_top, d.logits_bottom, strict=True)
+    ]
     return (
-        f'<tr><td><a href="latents/{escape(slug)}/{d.latent}.html">{d.latent}</a></td>'
-        f"<td>{_fmt(d.purity, '{:.2f}')}</td><td>{escape(rating)}</td>"
-        f"<td>{_fmt(d.fc, '{:.2f}')}</td><td>{_fmt(d.d_eff, '{:.2f}')}</td>"
-        f'<td class="text">{escape(first)}</td></tr>'
+        environment()
+        .get_template("latent.html")
+        .render(
+            title=f"{d.variant} latent {d.latent}",
+            d=d,
+            chosen_by=d.chosen_by,
+            stats=stats,
+            charts=charts,
+            bands=_bands(d.contexts),
+            logits=logits,
+            logits_skipped=logits_skipped,
+        )
     )
 
 
-def _recovery(meta: dict) -> str:
+def _recovery(meta: dict) -> dict | None:
     """Planted caches only: recovery by kind and the span calibration of each metric."""
     recovery = meta.get("recovery")
     if not recovery:
-        return ""
+        return None
     kinds = ("single", "spanning", "cooccurring")
     metrics = sorted({m for r in recovery.values() for m in r["calibration"]})
-    head = "".join(f"<th>recovered {k}</th>" for k in kinds) + "".join(
-        f"<th>rho {escape(m)}</th>" for m in metrics
-    )
     rows = []
     for name, r in recovery.items():
         s, cal = r["summary"], r["calibration"]
         cells = [_fmt(s["mmcs"], "{:.3f}"), _fmt(s["recovered"], "{:.0%}")]
         cells += [_fmt(s["by_kind"][k]["recovered"], "{:.0%}") for k in kinds]
         cells += [_fmt(cal.get(m, {}).get("spearman"), "{:.2f}") for m in metrics]
-        rows.append(
-            f'<tr><td class="text">{escape(name)}</td>'
-            + "".join(f"<td>{escape(c)}</td>" for c in cells)
-            + "</tr>"
+        rows.append({"name": name, "cells": cells})
+    return {"kinds": kinds, "metrics": metrics, "rows": rows}
+
+
+def _latent_row(d: LatentDetail, slug: str) -> dict:
+    return {
+        "href": f"latents/{slug}/{d.latent}.html",
+        "latent": d.latent,
+        "purity": _fmt(d.purity, "{:.2f}"),
+        "rating": "-" if d.rating is None else str(d.rating),
+        "fc": _fmt(d.fc, "{:.2f}"),
+        "d_eff": _fmt(d.d_eff, "{:.2f}"),
+        "first": (d.contexts[0].marked() if d.contexts else "")[:120],
+    }
+
+
+def _latent_lists(details: dict[str, list[LatentDetail]], slugs: dict[str, str]) -> list[dict]:
+    out = []
+    for name, items in details.items():
+        groups: dict[str, list[dict]] = {}
+        for d in items:
+            groups.setdefault(d.chosen_by, []).append(_latent_row(d, slugs[name]))
+        out.append(
+            {
+                "name": name,
+                "groups": [{"label": k, "rows": v} for k, v in groups.items()],
+            }
         )
-    return (
-        "<h2>Planted-feature recovery</h2><table><tr><th class='text'>variant</th>"
-        f"<th>MMCS</th><th>recovered</th>{head}</tr>{''.join(rows)}</table>"
-        "<p class='note'>MMCS: mean over true features of the best cosine with a decoder row "
-        "over all layers (raw units); recovered: share above 0.9; rho: Spearman correlation "
-        "between a latent metric and the true layer span, over single and spanning features "
-        "matched above 0.7.</p>"
-    )
+    return out
+
+
+def logits_skipped_reason(meta: dict) -> str:
+    """Why logit effects are missing: the model was not loaded, and what turned it off."""
+    splice = str(meta.get("splice", ""))
+    why = splice.removeprefix("skipped").strip(" ()") or "splicing was off"
+    return f"the model was not loaded ({why}), so its unembedding is not available."
 
 
 def index_page(root: Path, summaries, baselines, meta, plots, details, slugs) -> str:
-    options, tasks = meta["options"], meta["probe_tasks"]
-    intro = (
-        f"<h1>fmxcoders evaluation</h1><p>cache <code>{escape(meta['store'])}</code>, "
-        f"model {escape(str(meta['model'].get('name') or meta['model'].get('source')))}, "
-        f"{meta['n_eval_tokens']:,} held-out tokens; judge {escape(options['judge'])}; "
-        f"spliced-in loss: {escape(meta['splice'])}.</p>"
-        f"<p class='note'>Probe tasks: token {escape(', '.join(tasks['token']) or 'none')}; "
-        f"sequence {len(tasks['sequence'])}; dropped (a class missing on one side): "
-        f"{len(tasks['dropped'])}.</p>"
-    )
-    images = "".join(
-        f'<h3>{escape(name)}</h3><img src="{escape(os.path.relpath(path, root))}" '
-        f'alt="{escape(name)}">'
-        for name, path in plots.items()
-    )
-    lists = []
-    for name, items in details.items():
-        rows = "".join(_latent_row(d, slugs[name]) for d in items)
-        lists.append(
-            f"<h3>{escape(name)}</h3><table><tr><th>latent</th><th>purity</th><th>rating</th>"
-            f"<th>N_eff</th><th>D_eff</th><th class='text'>top context</th></tr>{rows}</table>"
+    rows = [*summaries, *baselines]
+    columns = columns_present(rows)
+    tasks, model = meta["probe_tasks"], meta["model"]
+    return (
+        environment()
+        .get_template("index.html")
+        .render(
+            title="fmxcoders evaluation",
+            store=meta["store"],
+            model=str(model.get("name") or model.get("source")),
+            n_eval_tokens=int(meta["n_eval_tokens"]),
+            judge=meta["options"]["judge"],
+            splice=meta["splice"],
+            token_tasks=", ".join(tasks["token"]),
+            n_sequence=len(tasks["sequence"]),
+            n_dropped=len(tasks["dropped"]),
+            columns=columns,
+            rows=[
+                {
+                    "baseline": row.get("kind") == "baseline",
+                    "cells": [(_cell(row, col), col) for col in columns],
+                }
+                for row in rows
+            ],
+            plots=[
+                {
+                    "title": PLOT_TITLES.get(name, name),
+                    "src": Path(os.path.relpath(path, root)).as_posix(),
+                }
+                for name, path in plots.items()
+            ],
+            latent_lists=_latent_lists(details, slugs),
+            recovery=_recovery(meta),
         )
-    body = (
-        f"{intro}<h2>Comparison</h2>{_table(summaries, baselines)}{_recovery(meta)}"
-        f"<h2>Plots</h2>{images}"
-        f"<h2>Sampled latents</h2>{''.join(lists)}"
     )
-    return _page("fmxcoders evaluation", body)
 
 
 def write(
@@ -266,11 +313,12 @@ def write(
     hooks_of: dict[str, list[str]],
     slugs: dict[str, str],
 ) -> Path:
+    skipped = logits_skipped_reason(meta)
     for name, items in details.items():
         for d in items:
             page = paths.latent_page(slugs[name], d.latent)
             page.parent.mkdir(parents=True, exist_ok=True)
-            page.write_text(latent_page(d, hooks_of[name], slugs[name]), encoding="utf-8")
+            page.write_text(latent_page(d, hooks_of[name], skipped), encoding="utf-8")
     paths.index.write_text(
         index_page(paths.root, summaries, baselines, meta, plots, details, slugs),
         encoding="utf-8",

@@ -29,6 +29,7 @@ from pipeline.evaluation.judge import (
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.top_contexts import TokenView, format_context, window_rows
 from pipeline.store import ActivationStore
+from pipeline.token_text import REPLACEMENT
 
 BEFORE, AFTER = 12, 4
 PURE = 0.5  # purity at or above this counts as a coherent latent (the judge's rating >= 4)
@@ -41,6 +42,8 @@ class Context:
     acts: np.ndarray  # the latent's activation on each row of the window
     top_row: int
     top_value: float
+    band: str = "top activations"  # which activation band the context was drawn from
+    doc_label: str = ""  # the document's title, to show contexts come from distinct ones
 
     def marked(self) -> str:
         return format_context(self.texts, (self.acts > 0) | (self.rows == self.top_row))
@@ -56,6 +59,7 @@ class LatentDetail:
     decoder_norms: np.ndarray  # [L] raw units
     contributions: np.ndarray  # [L] mean share of positive encoder contribution, top contexts
     histogram: np.ndarray  # [bins] counts over HIST_EDGES
+    chosen_by: str = "random sample"  # why this latent has a page (see ``latent_choice``)
     contexts: list[Context] = field(default_factory=list)
     purity: float = float("nan")
     purity_class: str = ""
@@ -112,24 +116,112 @@ def purity(
     return np.where(np.isfinite(score), score, np.nan), label
 
 
+N_TOP_CONTEXTS = 6  # top-activation contexts per latent (one per document)
+PER_BAND = 3  # contexts per lower activation band
+BANDS = (  # (label, low, high): quantiles of the latent's non-zero held-out activations
+    ("upper activations (75th-95th percentile of its non-zero activations)", 0.75, 0.95),
+    ("middle activations (40th-60th percentile)", 0.40, 0.60),
+    ("low activations (5th-25th percentile)", 0.05, 0.25),
+)
+SCAN_TOKENS = 65536  # held-out tokens scanned for the activation bands
+
+
+@torch.no_grad()
+def _scan_active(store, union, results, sampled, eval_rows, device) -> dict[str, list]:
+    """Per variant and chosen latent, ``(rows, activations)`` where it fires, over the first
+    ``SCAN_TOKENS`` held-out tokens (a bounded pass: only the chosen latents are kept)."""
+    rows = np.sort(np.asarray(eval_rows, dtype=np.int64))[:SCAN_TOKENS]
+    found = {r.variant.name: [[] for _ in sampled[r.variant.name]] for r in results}
+    chunk_of = rows // store.chunk_tokens
+    for chunk in np.unique(chunk_of).tolist():
+        here = rows[chunk_of == chunk]
+        start, stop = store.chunk_rows(chunk)
+        raw = store.read(start, stop, union)[torch.from_numpy(here - start)].to(device)
+        for res in results:
+            name = res.variant.name
+            latents = torch.from_numpy(sampled[name]).long()
+            f = res.variant.coder.encode(res.variant.normalise(raw))[:, latents].cpu().numpy()
+            for j in range(len(latents)):
+                hit = np.flatnonzero(f[:, j] > 0)
+                found[name][j].append((here[hit], f[hit, j]))
+    return {
+        name: [
+            (np.concatenate([r for r, _ in parts]), np.concatenate([a for _, a in parts]))
+            if parts
+            else (np.zeros(0, np.int64), np.zeros(0))
+            for parts in per_latent
+        ]
+        for name, per_latent in found.items()
+    }
+
+
+def pick_rows(
+    top_rows: np.ndarray,
+    top_values: np.ndarray,
+    active: tuple[np.ndarray, np.ndarray],
+    doc_of_row: np.ndarray,
+    rng: np.random.Generator,
+) -> list[tuple[int, float, str]]:
+    """``(row, activation, band)`` per context: the top rows, then a few rows from each
+    activation band, never two from the same document."""
+    used: set[int] = set()
+    out: list[tuple[int, float, str]] = []
+    for row, value in zip(top_rows.tolist(), top_values.tolist(), strict=True):
+        if row < 0 or len(out) >= N_TOP_CONTEXTS or int(doc_of_row[row]) in used:
+            continue
+        used.add(int(doc_of_row[row]))
+        out.append((row, float(value), "top activations"))
+    rows, acts = active
+    if acts.size:
+        for label, lo, hi in BANDS:
+            low, high = np.quantile(acts, [lo, hi])
+            band = rng.permutation(np.flatnonzero((acts >= low) & (acts <= high)))
+            taken = 0
+            for i in band.tolist():
+                doc = int(doc_of_row[rows[i]])
+                if taken >= PER_BAND:
+                    break
+                if doc in used:
+                    continue
+                used.add(doc)
+                out.append((int(rows[i]), float(acts[i]), label))
+                taken += 1
+    return out
+
+
 @torch.no_grad()
 def sampled_details(
     store: ActivationStore,
     view: TokenView,
     union: list[int],
     results: list[VariantResult],
-    sampled: dict[str, np.ndarray],
+    chosen: dict[str, dict[int, str]],
     device: torch.device,
+    eval_rows: np.ndarray | None = None,
+    seed: int = 0,
 ) -> dict[str, list[LatentDetail]]:
-    """Contexts and per-layer profiles of the sampled latents of each variant."""
-    details: dict[str, list[LatentDetail]] = {}
+    """Contexts (top and lower activation bands, one per document) and per-layer profiles
+    of the chosen latents of each variant; ``chosen`` maps latent -> why it was chosen."""
+    sampled = {name: np.asarray(list(latents), dtype=np.int64) for name, latents in chosen.items()}
+    none = (np.zeros(0, np.int64), np.zeros(0))
+    active = (
+        _scan_active(store, union, results, sampled, eval_rows, device)
+        if eval_rows is not None and len(eval_rows)
+        else {name: [none] * len(latents) for name, latents in sampled.items()}
+    )
+    rng = np.random.default_rng(seed)
+    picks: dict[str, list[list[tuple[int, float, str]]]] = {}
     windows: dict[str, list[list[np.ndarray]]] = {}
     needed_parts = []
     for res in results:
-        name, latents = res.variant.name, sampled[res.variant.name]
+        name = res.variant.name
+        picks[name] = [
+            pick_rows(res.top_rows[i], res.top_values[i], active[name][j], view.doc_id, rng)
+            for j, i in enumerate(sampled[name].tolist())
+        ]
         windows[name] = [
-            [window_rows(view, int(r), BEFORE, AFTER) for r in res.top_rows[i] if r >= 0]
-            for i in latents
+            [window_rows(view, row, BEFORE, AFTER) for row, _, _ in latent_picks]
+            for latent_picks in picks[name]
         ]
         needed_parts += [w for ws in windows[name] for w in ws]
     needed = np.unique(np.concatenate(needed_parts)) if needed_parts else np.zeros(0, np.int64)
@@ -145,9 +237,12 @@ def sampled_details(
             latents = torch.from_numpy(sampled[res.variant.name]).long()
             acts[res.variant.name][where] = res.variant.coder.encode(x)[:, latents].cpu().numpy()
             contrib[res.variant.name].update(needed[where], x)
-    for res in results:
-        details[res.variant.name] = _details(res, sampled, windows, needed, acts, contrib, view)
-    return details
+    return {
+        res.variant.name: _details(
+            res, sampled, chosen, picks, windows, needed, acts, contrib, view
+        )
+        for res in results
+    }
 
 
 class _ContributionSums:
@@ -178,24 +273,26 @@ class _ContributionSums:
         return self.sums[j] / max(self.counts[j], 1)
 
 
-def _details(res, sampled, windows, needed, acts, contrib, view) -> list[LatentDetail]:
+def _details(
+    res, sampled, chosen, picks, windows, needed, acts, contrib, view
+) -> list[LatentDetail]:
     name, latents = res.variant.name, sampled[res.variant.name]
     coder, scale = res.variant.coder, res.variant.scale
     norms = (coder.decoder_norms().detach().cpu().double() / scale.cpu().double()[None]).numpy()
     out = []
     for j, latent in enumerate(latents.tolist()):
         contexts = []
-        for rows, top_row, top_value in zip(
-            windows[name][j], res.top_rows[latent], res.top_values[latent], strict=False
-        ):
+        for rows, (row, value, band) in zip(windows[name][j], picks[name][j], strict=True):
             pos = np.searchsorted(needed, rows)
             contexts.append(
                 Context(
                     rows,
-                    [view.text[r] for r in rows],
+                    view.texts(rows),
                     acts[name][pos, j],
-                    int(top_row),
-                    float(top_value),
+                    int(row),
+                    value,
+                    band=band,
+                    doc_label=f"document {int(view.doc_id[row])}",
                 )
             )
         out.append(
@@ -208,6 +305,7 @@ def _details(res, sampled, windows, needed, acts, contrib, view) -> list[LatentD
                 decoder_norms=norms[latent],
                 contributions=contrib[name].mean(j),
                 histogram=res.histogram[latent],
+                chosen_by=chosen[name][latent],
                 contexts=contexts,
             )
         )
@@ -282,10 +380,33 @@ def logit_effects(
         logits = direction.float() @ w_u.float()
         top, bottom = logits.topk(n), (-logits).topk(n)
         d.logit_layer = hook_names[layer]
-        d.logits_top = [(tokenizer.decode([int(i)]), float(v)) for v, i in zip(*top, strict=True)]
+        d.logits_top = [(token_label(tokenizer, i), float(v)) for v, i in zip(*top, strict=True)]
         d.logits_bottom = [
-            (tokenizer.decode([int(i)]), -float(v)) for v, i in zip(*bottom, strict=True)
+            (token_label(tokenizer, i), -float(v)) for v, i in zip(*bottom, strict=True)
         ]
+
+
+def _byte_level_alphabet() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in for each byte -> the byte: printable Latin-1
+    bytes stand for themselves, the others map to code points from 256 up, in byte order."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    table = {chr(b): b for b in printable}
+    table.update({chr(256 + i): b for i, b in enumerate(others)})
+    return table
+
+
+def token_label(tokenizer, token_id) -> str:
+    """A vocabulary entry as text; a byte-level piece of a character (which decodes to
+    U+FFFD alone) shows as its bytes, e.g. ``<bytes c3>``."""
+    text = tokenizer.decode([int(token_id)])
+    if REPLACEMENT not in text:
+        return text
+    to_byte = _byte_level_alphabet()
+    raw = tokenizer.convert_ids_to_tokens(int(token_id))
+    if not all(char in to_byte for char in raw):
+        return raw
+    return f"<bytes {bytes(to_byte[c] for c in raw).hex(' ')}>"
 
 
 def unembedding(model):

@@ -5,13 +5,13 @@ decoder norm into its activation (a latent with a tiny decoder can have huge act
 the top k feed an L2 logistic regression, scored by test F1 and accuracy. Token concepts
 split by entity, sequence tasks by document; both balanced by default. The raw residual
 of one layer is the baseline: its d dims stand in for latents, one call per layer.
-Features are gathered only for the rows the probes need, sparse for codes.
+The features themselves come from the evaluation pass (``run_metrics``): only the rows
+the probes need, sparse for codes, and per-document means for the sequence tasks.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,8 +28,6 @@ from pipeline.coders.base import Coder
 from pipeline.evaluation.concepts import TokenConcepts, entity_split
 
 DEFAULT_KS = (1, 2, 5, 10, 20, 50, 100)
-FeatureFn = Callable[[Tensor], Tensor]  # x[B, L, d] -> [B, F]
-Batches = Iterable[tuple[Tensor | np.ndarray, Tensor]]  # (global token rows [B], x[B, L, d])
 
 
 @dataclass(frozen=True)
@@ -116,79 +114,6 @@ def decoder_norm_weights(coder: Coder, scale: Tensor | None = None) -> Tensor:
         return norms.sum(-1)
 
 
-def coder_features(coder: Coder, scale: Tensor | None = None, fold: bool = True) -> FeatureFn:
-    """Codes, with decoder norms folded in unless ``fold=False``."""
-    weights = decoder_norm_weights(coder, scale) if fold else None
-
-    def features(x: Tensor) -> Tensor:
-        f = coder.encode(x)
-        return f if weights is None else f * weights.to(f)
-
-    return features
-
-
-def residual_features(layer: int) -> FeatureFn:
-    """The baseline: layer ``layer``'s residual dims as features."""
-    return lambda x: x[:, layer]
-
-
-@torch.no_grad()
-def collect_rows(
-    batches: Batches, rows: np.ndarray, features: FeatureFn, as_sparse: bool = True
-) -> tuple[sparse.csr_matrix | np.ndarray, np.ndarray]:
-    """Features of the wanted rows; returns ``(X, index)``, ``X[j]`` belonging to ``index[j]``.
-    A row seen twice keeps its first features."""
-    index = np.unique(rows)
-    if index.size == 0:
-        raise ValueError("collect_rows: no rows wanted")
-    found = np.zeros(index.size, bool)
-    positions: list[np.ndarray] = []
-    blocks: list[sparse.csr_matrix | np.ndarray] = []
-    for batch_rows, x in batches:
-        pos = np.searchsorted(index, np.asarray(batch_rows)).clip(max=max(index.size - 1, 0))
-        hit = (index[pos] == np.asarray(batch_rows)) & ~found[pos]
-        pos, first = np.unique(pos[hit], return_index=True)
-        if not pos.size:
-            continue
-        feats = features(x[torch.from_numpy(np.flatnonzero(hit)[first])]).float().cpu().numpy()
-        found[pos] = True
-        positions.append(pos)
-        blocks.append(sparse.csr_matrix(feats) if as_sparse else feats)
-    if not found.all():
-        raise ValueError(f"collect_rows: {int((~found).sum())} wanted rows never appeared")
-    order = np.argsort(np.concatenate(positions))
-    if as_sparse:
-        return sparse.vstack(blocks, format="csr")[order], index
-    return np.concatenate(blocks)[order], index
-
-
-@torch.no_grad()
-def pool_documents(
-    batches: Batches, doc_of_row: np.ndarray, doc_ids: np.ndarray, features: FeatureFn
-) -> np.ndarray:
-    """Mean of the features over each document's tokens (``doc_of_row`` -1 for specials)."""
-    doc_ids = np.asarray(doc_ids)
-    order = np.argsort(doc_ids)
-    sorted_ids = doc_ids[order]
-    sums: Tensor | None = None
-    counts = torch.zeros(doc_ids.size, dtype=torch.float64)
-    for batch_rows, x in batches:
-        docs = doc_of_row[np.asarray(batch_rows)]
-        at = np.searchsorted(sorted_ids, docs).clip(max=doc_ids.size - 1)
-        slot = np.where((sorted_ids[at] == docs) & (docs >= 0), order[at], -1)
-        hit = np.flatnonzero(slot >= 0)
-        if not hit.size:
-            continue
-        f = features(x[torch.from_numpy(hit)]).double().cpu()
-        sums = torch.zeros(doc_ids.size, f.shape[1], dtype=torch.float64) if sums is None else sums
-        target = torch.from_numpy(slot[hit])
-        sums.index_add_(0, target, f)
-        counts.index_add_(0, target, torch.ones(hit.size, dtype=torch.float64))
-    if sums is None or (counts == 0).any():
-        raise ValueError("pool_documents: some documents had no tokens in the batches")
-    return (sums / counts[:, None]).float().numpy()
-
-
 def rank_features(X: sparse.spmatrix | np.ndarray, y: np.ndarray) -> np.ndarray:
     """Feature indices, best first, by ``|mean(pos) - mean(neg)|``."""
     gap = np.asarray(X[y].mean(0)).ravel() - np.asarray(X[~y].mean(0)).ravel()
@@ -249,11 +174,3 @@ def probe_all(
     return [
         s for c, split in splits.items() for s in probe_concept(X, index, split, c, ks, **kwargs)
     ]
-
-
-def mean_f1_by_k(scores: Iterable[ProbeScore]) -> dict[int, float]:
-    """Mean test F1 over concepts, per k."""
-    by_k: dict[int, list[float]] = defaultdict(list)
-    for s in scores:
-        by_k[s.k].append(s.f1)
-    return {k: float(np.mean(v)) for k, v in sorted(by_k.items())}

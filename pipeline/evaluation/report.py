@@ -4,7 +4,11 @@
 * ``neff_hist``: functional coherence N_eff of the alive latents, one step histogram each;
 * ``spread``: decoder-norm spread D_eff against contribution N_eff, one panel per variant
   (points above the diagonal write to more layers than they read from);
-* ``probing_f1``: mean probing F1 against k, token and sequence tasks, with baselines.
+* ``probing_f1``: mean probing F1 against k, token and sequence tasks, with baselines;
+* ``training``: loss, FVU and L0 against step from each run's ``metrics.jsonl``;
+* ``l0_fvu``: held-out L0 against FVU, one point per variant (the sparsity frontier).
+
+Every axis carries a label with its unit, and every figure a title.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import json
+
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.ticker import MaxNLocator
@@ -22,7 +28,7 @@ from matplotlib.ticker import MaxNLocator
 from pipeline.evaluation.probe_suite import f1_by_k
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.splice import SpliceResult
-from pipeline.paths import ReportPaths
+from pipeline.paths import ReportPaths, RunPaths
 
 DPI = 110
 
@@ -52,13 +58,17 @@ def fvu_per_layer(results, hooks_of, splices, path: Path) -> Path:
             axes[0, 1].plot(layers, splices[name].score, marker="o", label=name)
     for ax in axes.flat:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0, 0].set(xlabel="layer", ylabel="FVU (lower is better)", title="Reconstruction")
+    axes[0, 0].set(
+        xlabel="layer (block index)",
+        ylabel="FVU (fraction of variance unexplained)",
+        title="Reconstruction per layer, held-out tokens",
+    )
     axes[0, 0].set_ylim(bottom=0)
     axes[0, 0].legend(fontsize=8)
     if splices:
         axes[0, 1].set(
-            xlabel="layer",
-            ylabel="(CE_zero - CE_coder) / (CE_zero - CE_clean)",
+            xlabel="layer (block index)",
+            ylabel="CE score: (CE_zero - CE_coder) / (CE_zero - CE_clean)",
             title="Spliced-in loss recovered",
         )
         axes[0, 1].axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -83,9 +93,9 @@ def neff_histogram(results, path: Path) -> Path:
                 label=label,
             )
     ax.set(
-        xlabel="N_eff: layers a latent reads from (activation-weighted)",
-        ylabel="share of alive latents",
-        title="Functional coherence",
+        xlabel="N_eff: layers a latent reads from (activation-weighted, count of layers)",
+        ylabel="share of alive latents (fraction)",
+        title="Functional coherence of alive latents",
     )
     ax.legend(fontsize=8)
     return _save(fig, path)
@@ -104,8 +114,8 @@ def spread_scatter(results, path: Path) -> Path:
         ax.set(
             xlim=(0.9, top + 0.1),
             ylim=(0.9, top + 0.1),
-            xlabel="N_eff (encoder contributions)",
-            ylabel="D_eff (decoder norms)",
+            xlabel="N_eff: layers read (encoder contributions)",
+            ylabel="D_eff: layers written (decoder norms)",
             title=res.variant.name,
         )
     for ax in list(axes.flat)[n:]:
@@ -139,9 +149,9 @@ def probing_f1(results, probe_rows, baselines, path: Path) -> Path:
             drawn = True
         ax.set(
             xscale="log",
-            xlabel="k (latents or dims kept)",
-            ylabel="mean test F1",
-            title=f"{task}-level probing",
+            xlabel="k: latents or residual dims kept (log scale)",
+            ylabel="mean test F1 over concepts (0-1)",
+            title=f"{task}-level sparse probing",
             ylim=(0, 1.02),
         )
         if drawn:
@@ -157,6 +167,71 @@ def probing_f1(results, probe_rows, baselines, path: Path) -> Path:
     return _save(fig, path)
 
 
+def read_metrics_log(run_dir: Path) -> list[dict]:
+    """The training log of a run (``metrics.jsonl``): one dict per logged step; [] if none."""
+    path = RunPaths(Path(run_dir)).metrics
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+TRAINING_PANELS = (
+    ("loss", None, "training loss (reconstruction + penalties)"),
+    ("fvu", "val_fvu", "FVU (fraction of variance unexplained)"),
+    ("l0", "val_l0", "L0 (active latents per token)"),
+)
+
+
+def training_curves(logs: dict[str, list[dict]], path: Path) -> Path:
+    """Loss, FVU and L0 against step for every run (solid: training batches; dashed with
+    markers: the held-out validation pass, where logged)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (key, val_key, label) in zip(axes, TRAINING_PANELS, strict=True):
+        for i, (name, rows) in enumerate(logs.items()):
+            colour = f"C{i % 10}"
+            train = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+            if train:
+                dots = "." if len(train) < 30 else None  # a short log would draw no line
+                ax.plot(*zip(*train, strict=True), color=colour, lw=1.2, marker=dots, label=name)
+            if val_key:
+                val = [(r["step"], r[val_key]) for r in rows if r.get(val_key) is not None]
+                if val:
+                    ax.plot(*zip(*val, strict=True), color=colour, ls="--", marker=".", lw=0.8)
+        ax.set(xlabel="training step (batches)", ylabel=label, title=f"Training: {key}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if key == "loss":
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{label}, log scale")
+    if not any(logs.values()):
+        axes[0].text(0.5, 0.5, "no metrics.jsonl found", ha="center", transform=axes[0].transAxes)
+    else:
+        axes[0].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def l0_fvu(summaries: list[dict], path: Path) -> Path:
+    """Held-out L0 against FVU, one labelled point per variant: lower-left is better."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.6))
+    points = [
+        (row["variant"], row["l0"], row["fvu"])
+        for row in summaries
+        if row.get("l0") is not None and row.get("fvu") is not None
+    ]
+    for i, (name, l0, fvu) in enumerate(points):
+        ax.scatter([l0], [fvu], color=f"C{i % 10}", s=40, label=name, zorder=3)
+        ax.annotate(name, (l0, fvu), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set(
+        xlabel="L0: active latents per token (held-out mean)",
+        ylabel="FVU (fraction of variance unexplained, mean over layers)",
+        title="Sparsity-reconstruction trade-off (lower-left is better)",
+    )
+    ax.set_ylim(bottom=0)
+    ax.set_xlim(left=0)
+    if points:
+        ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
 def write_plots(
     paths: ReportPaths,
     results: list[VariantResult],
@@ -164,9 +239,13 @@ def write_plots(
     probe_rows: list[dict],
     baselines: list[dict],
     splices: dict[str, SpliceResult],
+    summaries: list[dict] | None = None,
 ) -> dict[str, Path]:
+    logs = {r.variant.name: read_metrics_log(r.variant.run_dir) for r in results}
     return {
         "fvu_per_layer": fvu_per_layer(results, hooks_of, splices, paths.plot("fvu_per_layer")),
+        "l0_fvu": l0_fvu(summaries or [], paths.plot("l0_fvu")),
+        "training": training_curves(logs, paths.plot("training")),
         "neff_hist": neff_histogram(results, paths.plot("neff_hist")),
         "spread": spread_scatter(results, paths.plot("spread")),
         "probing_f1": probing_f1(results, probe_rows, baselines, paths.plot("probing_f1")),

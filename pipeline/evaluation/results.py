@@ -58,6 +58,13 @@ def probe_columns(by_k: dict[str, dict[int, float]]) -> dict[str, float]:
     return out
 
 
+def run_id(run_dir: Path) -> str:
+    """``<cache key>/<coder hash>``: a run's name relative to the runs root, the same on
+    every machine (an absolute path would make committed results differ per machine)."""
+    run_dir = Path(run_dir)
+    return f"{run_dir.parent.name}/{run_dir.name}"
+
+
 def summary_row(
     res: VariantResult,
     hooks: list[str],
@@ -79,7 +86,7 @@ def summary_row(
     return {
         "variant": v.name,
         "kind": v.kind,
-        "run_dir": str(v.run_dir),
+        "run_dir": run_id(v.run_dir),
         "step": v.step,
         "n_latents": v.coder.n_latents,
         "parameters": int(v.coder.num_parameters()),

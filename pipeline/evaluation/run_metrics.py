@@ -160,7 +160,7 @@ class VariantPass:
         self.fold = decoder_norm_weights(coder, variant.scale)
         self.features = _FeatureRows(probe)
         # a decoder confined to a fixed subspace: its floor on these same held-out tokens
-        self.floor = decoder_floor(coder.config)
+        self.floor = decoder_floor(getattr(coder, "config", None))  # test coders have none
         self.floor_acc = (
             accumulator_for(self.floor, coder.n_layers, coder.d_model) if self.floor else None
         )

@@ -16,9 +16,24 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.coders.base import Coder
+from pipeline.token_text import REPLACEMENT, decode_pieces
 
-ActivationFn = Callable[[np.ndarray], np.ndarray]  # contiguous token rows -> activations
+Decode = Callable[[list[int]], str]  # token ids -> text (a tokenizer's ``decode``)
+
+
+def store_decode(model_spec: dict) -> Decode | None:
+    """The ``decode`` of the tokenizer a store was harvested with, when it is on this
+    machine (packaged, GGUF or random models); None for hub models or a missing file."""
+    try:
+        from transformers import AutoTokenizer
+
+        from pipeline.harvest_manifest import ModelSpec
+        from pipeline.models import _local_dir
+
+        local = _local_dir(ModelSpec.model_validate(model_spec))
+        return None if local is None else AutoTokenizer.from_pretrained(local).decode
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 class TopContexts:
@@ -50,21 +65,61 @@ class TopContexts:
 
 @dataclass(frozen=True)
 class TokenView:
-    """The token-table columns that windows need, as arrays."""
+    """The token-table columns that windows need, as arrays.
+
+    Stores harvested before token text came from offsets hold U+FFFD for every piece of a
+    split character; given the tokenizer's ``decode``, such a view decodes each window from
+    its token ids instead, so characters come out whole (``token_text.decode_pieces``)."""
 
     text: list[str]
     doc_id: np.ndarray
     position: np.ndarray
     is_special: np.ndarray
+    token_id: np.ndarray | None = None
+    decode: Decode | None = None
 
     @classmethod
-    def from_table(cls, tokens: pa.Table) -> TokenView:
+    def from_table(
+        cls, tokens: pa.Table, load_decode: Callable[[], Decode | None] | None = None
+    ) -> TokenView:
+        """``load_decode`` is called (to load a tokenizer) only when the text is broken."""
+        text = tokens["token_text"].to_pylist()
+        broken = load_decode is not None and any(REPLACEMENT in t for t in text if t)
+        decode = load_decode() if broken else None
         return cls(
-            tokens["token_text"].to_pylist(),
+            text,
             tokens["doc_id"].to_numpy(),
             tokens["position"].to_numpy(),
             tokens["is_special"].to_numpy(zero_copy_only=False),
+            tokens["token_id"].to_numpy() if decode is not None else None,
+            decode,
         )
+
+    def texts(self, rows: np.ndarray) -> list[str]:
+        """Token texts of contiguous rows of one document, characters kept whole."""
+        rows = np.asarray(rows)
+        if self.decode is None or self.token_id is None or rows.size == 0:
+            return [self.text[r] for r in rows.tolist()]
+        lo, hi = int(rows[0]), int(rows[-1])
+        if hi - lo + 1 != rows.size:  # not contiguous: decode as given
+            return decode_pieces(self.decode, self.token_id[rows].tolist())
+        # A character cut by the window's edge is completed by the tokens beside it.
+        start, stop = self._extend(lo, -1), self._extend(hi, 1)
+        pieces = decode_pieces(self.decode, self.token_id[start : stop + 1].tolist())
+        pieces = pieces[lo - start : lo - start + rows.size]
+        pieces[0] = pieces[0].lstrip(REPLACEMENT)  # still cut: the document edge
+        pieces[-1] = pieces[-1].rstrip(REPLACEMENT)
+        return pieces
+
+    def _extend(self, row: int, step: int, most: int = 4) -> int:
+        """Up to ``most`` rows beyond ``row`` in the same document (a character's bytes)."""
+        out = row
+        while 0 <= out + step < len(self.text) and abs(out + step - row) <= most:
+            nxt = out + step
+            if self.doc_id[nxt] != self.doc_id[row] or self.is_special[nxt]:
+                break
+            out = nxt
+        return out
 
 
 def window_rows(view: TokenView, row: int, before: int = 12, after: int = 4) -> np.ndarray:
@@ -77,43 +132,14 @@ def window_rows(view: TokenView, row: int, before: int = 12, after: int = 4) -> 
 
 
 def format_context(texts: list[str], active: np.ndarray) -> str:
-    """Join token texts, wrapping active ones in ``<<>>`` (leading space kept outside)."""
+    """Join token texts, wrapping active ones in ``<<>>`` (leading space kept outside). An
+    active token with no visible text (whitespace, or the empty share of a multi-token
+    character) still shows as ``<<>>``, so a reader (or judge) sees where it fired."""
     out = []
     for text, on in zip(texts, active.tolist(), strict=True):
-        if on and text.strip():
+        if on:
             lead = text[: len(text) - len(text.lstrip())]
             out.append(f"{lead}<<{text.strip()}>>")
         else:
             out.append(text)
     return "".join(out).strip()
-
-
-def coder_activations(
-    coder: Coder, read: Callable[[int, int], Tensor], latent: int
-) -> ActivationFn:
-    """Activations of ``latent`` on contiguous rows, reading normalised ``x`` via ``read``."""
-
-    @torch.no_grad()
-    def activations(rows: np.ndarray) -> np.ndarray:
-        x = read(int(rows[0]), int(rows[-1]) + 1)[rows - rows[0]]
-        return coder.encode(x)[:, latent].float().cpu().numpy()
-
-    return activations
-
-
-def latent_contexts(
-    view: TokenView,
-    top_rows: np.ndarray,
-    activations: ActivationFn | None = None,
-    before: int = 12,
-    after: int = 4,
-) -> list[str]:
-    """One marked string per top row; without ``activations`` only the top token is marked."""
-    contexts = []
-    for row in top_rows.tolist():
-        if row < 0:
-            continue
-        rows = window_rows(view, row, before, after)
-        active = rows == row if activations is None else (activations(rows) > 0) | (rows == row)
-        contexts.append(format_context([view.text[r] for r in rows.tolist()], active))
-    return contexts

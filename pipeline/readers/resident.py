@@ -1,0 +1,60 @@
+"""``resident``: the split decoded once onto the device and shuffled there."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import torch
+
+from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, prefetched, seeded_generator
+
+
+class ResidentReader(Reader):
+    """No I/O after the first epoch: the storage dtype on the device, ``randperm`` order."""
+
+    mode = "resident"
+
+    def __init__(
+        self,
+        decoder: ChunkDecoder,
+        normaliser: Normaliser,
+        *,
+        batch_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.decoder = decoder
+        self.normaliser = normaliser
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self._data: torch.Tensor | None = None
+        self.pool = ThreadPoolExecutor(max_workers=2)
+
+    def data(self) -> torch.Tensor:
+        if self._data is None:
+            chunks = list(range(self.decoder.store.n_chunks))
+            self._data = self.decoder.decode(chunks, normaliser=None).to(self.device)
+        return self._data
+
+    def epoch(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
+        data = self.data()
+        order = torch.randperm(data.shape[0], generator=seeded_generator(self.seed, epoch))
+        order = order.to(self.device)
+        starts = range(skip_batches * self.batch_size, data.shape[0], self.batch_size)
+        if self.device.type != "cpu":  # queued on the device: nothing to overlap here
+            for start in starts:
+                yield self.normaliser.apply(data[order[start : start + self.batch_size]])
+            return
+        # on the CPU, gather and normalise in threads while the consumer steps
+
+        def batch(start: int) -> torch.Tensor:
+            return self.normaliser.apply(data[order[start : start + self.batch_size]])
+
+        yield from prefetched(self.pool, (partial(batch, start) for start in starts), 4)
+
+    def close(self) -> None:
+        self._data = None
+        self.pool.shutdown(wait=False)
