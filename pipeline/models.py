@@ -15,11 +15,12 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from pipeline.assets import SMOLLM2, sha256_file, smollm2_gguf
+from pipeline.assets import GEMMA3_270M, SMOLLM2, asset_identity, packaged_gguf, sha256_file
 from pipeline.harvest_manifest import HookSpec, ModelSpec
 from pipeline.paths import models_dir
 
-PACKAGED_MODELS = {"smollm2-135m": SMOLLM2}
+# Each a GGUF shipped on PyPI; two families (Llama, Gemma 3) so findings are not one model's.
+PACKAGED_MODELS = {"smollm2-135m": SMOLLM2, "gemma3-270m": GEMMA3_270M}
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -119,8 +120,7 @@ def resolve_device(device: str) -> torch.device:
 def model_identity(spec: ModelSpec) -> dict:
     """What identifies the weights and tokenizer for the cache key (hashes, not paths)."""
     if spec.source == "packaged":
-        asset = _packaged_asset(spec)
-        return {"package": f"{asset.package}=={asset.version}", "sha256": asset.wheel_sha256}
+        return asset_identity(_packaged_asset(spec))
     if spec.source == "gguf":
         return {"gguf_sha256": sha256_file(_gguf_path(spec))}
     if spec.source == "hub":
@@ -184,8 +184,8 @@ def _random_model_dir(spec: ModelSpec) -> Path:
 
 def _local_dir(spec: ModelSpec) -> Path | None:
     if spec.source == "packaged":
-        gguf = smollm2_gguf()
-        return _dequantised_dir(gguf, _packaged_asset(spec).wheel_sha256)
+        asset = _packaged_asset(spec)
+        return _dequantised_dir(packaged_gguf(asset), asset_identity(asset)["sha256"])
     if spec.source == "gguf":
         path = _gguf_path(spec)
         return _dequantised_dir(path, sha256_file(path))
