@@ -28,6 +28,8 @@ CONTROLLED = (
     "probe_f1",
     "probe_f1_points_vs_sae",
     "fc_n_eff",
+    "fc_abs",
+    "fc_ablation",
     "decoder_d_eff",
     "judge_good",
     "dead_fraction",
@@ -108,6 +110,8 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "probe_f1": f1,
                 "probe_f1_points_vs_sae": 100 * (f1 - sae_f1) if sae_f1 is not None else math.nan,
                 "fc_n_eff": row["fc"],
+                "fc_abs": row.get("fc_abs"),
+                "fc_ablation": row.get("fc_ablation"),
                 "decoder_d_eff": row["d_eff"],
                 "judge": row["judge"],
                 "judge_good": row["judge_good"],
@@ -246,9 +250,9 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         f" judge: {judge}; mean ± sd over {seeds} seed(s) per row.",
         "",
         "| variant | role | seeds | lr | parameters | L0 | FVU | floor FVU | MSE "
-        "| MSE vs crosscoder | probe F1 | vs SAE (pts) | N_eff | D_eff | coherent / rated "
-        "| dead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MSE vs crosscoder | probe F1 | vs SAE (pts) | N_eff | N_eff abs | N_eff ablation "
+        "| D_eff | coherent / rated | dead |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         rated = r.get("judge_rated")
@@ -259,6 +263,7 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
             f"| {_fmt(r.get('floor_fvu'))} | {_cell(r, 'mse', 4)} "
             f"| {_cell(r, 'mse_change_vs_crosscoder', fmt=_pct)} | {_cell(r, 'probe_f1')} "
             f"| {_cell(r, 'probe_f1_points_vs_sae', 1)} | {_cell(r, 'fc_n_eff', 2)} "
+            f"| {_cell(r, 'fc_abs', 2)} | {_cell(r, 'fc_ablation', 2)} "
             f"| {_cell(r, 'decoder_d_eff', 2)} | {coherent} | {_cell(r, 'dead_fraction')} |"
         )
     lines += [

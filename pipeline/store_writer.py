@@ -114,6 +114,8 @@ class StoreWriter:
 
     def finalize(self, seconds: float) -> dict:
         """Aggregate block statistics and write the completion record."""
+        for stray in self.paths.activations.rglob("*.partial"):
+            stray.unlink()  # zarr's temporary file of a chunk write a kill interrupted
         markers = [load_file(self.paths.block_marker(b)) for b in range(self.n_blocks)]
         totals = {k: sum(m[k] for m in markers) for k in ("sum", "norm_sum", "sq_norm_sum")}
         count = float(sum(m["count"] for m in markers))
