@@ -7,6 +7,7 @@ without reading a traceback.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import TypeVar
@@ -21,13 +22,28 @@ class ManifestError(ValueError):
     """A manifest that cannot be read or does not validate; the message names file and field."""
 
 
+class _ManifestLoader(yaml.SafeLoader):
+    """YAML 1.1 reads ``3e-4`` (no dot) as a string; manifests are strictly typed, so a
+    learning rate written the usual way must be a float, as YAML 1.2 has it."""
+
+
+_ManifestLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def read_mapping(path: Path) -> dict:
     """Parse a YAML (safe loader) or TOML file into a plain mapping."""
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
     text = path.read_text(encoding="utf-8")
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text)
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        else:
+            data = yaml.load(text, Loader=_ManifestLoader)  # safe: a SafeLoader subclass
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
         raise ManifestError(
             f"{path}: not valid {path.suffix.lstrip('.') or 'yaml'}: {_syntax(err)}"

@@ -413,6 +413,7 @@ CODER_CASES = {
     "unknown-device": ("run: {device: tpu}\n", "'run.device'"),
     "runs-root-file": ("run: {runs_root: FILE}\n", "'run.runs_root'"),
     "coder-field": ("coder: {kind: crosscoder, n_latents: -3}\n", "n_latents'"),
+    "coder-string-number": ("coder: {kind: crosscoder, n_latents: 8, k: '6'}\n", "k must be an"),
     "yaml-syntax": ("training: [\n", "not valid yaml"),
 }
 
@@ -422,7 +423,7 @@ def test_bad_coder_manifest_value_is_one_line(tiny_store, tmp_path, monkeypatch,
     text, field = CODER_CASES[case]
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    if case == "coder-field":  # replaces the default coder section
+    if case.startswith("coder-"):  # replaces the default coder section
         path = tmp_path / "coder.yaml"
         path.write_text(
             f"name: bad\ncache: {{key: {tiny_store.name}, root: {tiny_store.parent}}}\n{text}"
@@ -559,3 +560,13 @@ def test_store_and_checkpoint_faults_on_the_real_model(tmp_path, monkeypatch, ca
     assert "skipping checkpoint checkpoint-000000040" in capsys.readouterr().err
     reference = clean / "runs" / store.name / manifest.run_hash()
     assert_same_as_reference(root, reference)
+
+
+def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
+    """YAML 1.1 reads 3e-4 as a string; strict manifests would then refuse a normal lr."""
+    from pipeline.train_manifest import load_coder_manifest
+
+    path = tmp_path / "c.yaml"
+    path.write_text("name: c\ncache: {key: abc}\ncoder: {kind: crosscoder}\ntraining: {lr: 3e-4}\n")
+    manifest, _ = load_coder_manifest(path)
+    assert manifest.training.lr == pytest.approx(3e-4)

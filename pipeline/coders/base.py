@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.coders.activations import ActivationKind, auxk_loss, build_activation, l1_penalty
 from pipeline.coders.factorized import WeightView
+from pipeline.harvest_manifest import kind_problem
 
 # Dead-latent window when a run does not set one: at most 10M tokens, at least one batch,
 # else a tenth of the run, so AuxK acts in short runs too (resolve_dead_after_tokens).
@@ -130,9 +131,21 @@ _ACTIVATION_FIELDS: dict[str, tuple[str, ...]] = {
 
 
 class CoderConfigBase(BaseModel):
-    """Fields every coder shares; each architecture's config adds ``kind`` and its size."""
+    """Fields every coder shares; each architecture's config adds ``kind`` and its size.
+    Strict like every manifest section: ``k: "6"`` is an error, not 6."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _strict_kinds(cls, data: Any) -> Any:
+        # A model-level check: pydantic allows no field validator on the ``kind`` discriminator.
+        if isinstance(data, dict):
+            for name, value in data.items():
+                field = cls.model_fields.get(name)
+                if field is not None and (problem := kind_problem(field.annotation, value)):
+                    raise ValueError(f"{name} {problem}")
+        return data
 
     n_layers: int = Field(ge=1, description="Number of layers (residual streams) read.")
     d_model: int = Field(ge=1, description="Residual stream width.")
