@@ -94,19 +94,29 @@ def test_real_metrics_are_finite_and_sae_is_local(report: Path) -> None:
 
 def test_real_latent_pages_show_logit_effects(report: Path) -> None:
     pages = sorted((report / "latents").rglob("*.html"))
-    assert len(pages) == 4 * len(CODERS)
+    assert len(pages) >= 4 * len(CODERS)  # the random sample, plus the top picks
     text = pages[0].read_text(encoding="utf-8")
     assert "promoted" in text and "suppressed" in text and "Omitted" not in text
 
 
 def test_transformers_judge_rates_real_latents(runs: list[Path], tmp_path: Path) -> None:
-    """The packaged SmolLM2-Instruct as judge: weak, but every latent gets a recorded verdict."""
+    """The packaged SmolLM2-Instruct as judge: weak. Either its replies hold ratings, or the
+    evaluation says the judge failed and (asked to) falls back to the labelled purity proxy:
+    never a silent 0 / 0."""
     options = evaluate.EvaluateOptions(
-        judge="transformers", latents_sampled=2, splice=False, progress=False, device="cpu"
+        judge="transformers",
+        judge_fallback=True,
+        latents_sampled=2,
+        latents_top=0,
+        splice=False,
+        progress=False,
+        device="cpu",
     )
     report = evaluate.run(runs[1:2], tmp_path, options)
     (row,) = json.loads(ReportPaths(report).summary.read_text())["variants"]
-    assert row["judge"] == "transformers" and row["judge_rated"] <= 2
+    fell_back = row["judge"].startswith("purity (fallback: transformers judge failed")
+    assert row["judge"] == "transformers" or fell_back, row["judge"]
+    assert 0 < row["judge_rated"] <= 2
     sampled = pq.read_table(ReportPaths(report).table("sampled")).to_pylist()
     assert len(sampled) == 2
     for latent in sampled:
