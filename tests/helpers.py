@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from pipeline.harvest_manifest import HarvestManifest
@@ -33,3 +34,14 @@ REAL_SMALL = {
 
 def harvest_real_small(cache_root: Path) -> Path:
     return harvest.run(HarvestManifest.model_validate(REAL_SMALL), cache_root).path
+
+
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A loopback test server that prints nothing when a client hangs up mid-reply: on a
+    loaded machine a handler thread can outlive its test and print a traceback into the
+    output a later CLI test reads."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass

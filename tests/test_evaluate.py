@@ -8,7 +8,7 @@ import json
 import math
 import threading
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlparse
@@ -26,6 +26,7 @@ from pipeline.paths import EvaluationPaths, ReportPaths, RunPaths
 from pipeline.train_manifest import CoderManifest
 from stages import evaluate, harvest, train
 from tests.conftest import merge, tiny_manifest_dict
+from tests.helpers import QuietHTTPServer
 
 # Three languages and half the documents held out, so that sequence probes have data.
 STORE = {
@@ -229,7 +230,7 @@ class _Judge(BaseHTTPRequestHandler):
 
 
 def test_openai_judge_ratings_reach_the_results(runs, tmp_path, monkeypatch) -> None:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    server = QuietHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         monkeypatch.setenv("FMX_JUDGE_BASE_URL", f"http://127.0.0.1:{server.server_port}/v1")

@@ -31,6 +31,7 @@ from pipeline.evaluation.top_contexts import (
     format_context,
     window_rows,
 )
+from tests.helpers import QuietHTTPServer
 from tests.test_reconstruction_metrics import LinearReluCoder
 
 
@@ -103,7 +104,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server() -> Iterator[ThreadingHTTPServer]:
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = QuietHTTPServer(("127.0.0.1", 0), _Handler)
     httpd.daemon_threads = True
     httpd.seen = []
     thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)

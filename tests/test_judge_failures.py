@@ -8,7 +8,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import httpx
 import pytest
@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.evaluation.judge import JudgeError, OpenAIJudge, build_messages, judge_latents
+from tests.helpers import QuietHTTPServer
 from tests.trained_runs import TrainedRuns, train_tiny_runs
 
 GOOD = {"choices": [{"message": {"role": "assistant", "content": '{"rating": 4}'}}]}
@@ -102,11 +103,8 @@ class _Flaky(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def failing_server(monkeypatch) -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    server = QuietHTTPServer(("127.0.0.1", 0), _Flaky)
     server.daemon_threads = True
-    # A client that gave up mid-reply (a loaded machine) makes the handler raise; the
-    # server would print that traceback into the CLI output the test reads.
-    server.handle_error = lambda request, address: None
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{server.server_address[1]}/v1"
