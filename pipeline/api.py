@@ -26,6 +26,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.catalog import find_run, find_store
 from pipeline.loader import ActivationLoader, Normaliser
+from pipeline.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
 from pipeline.run_record import RunRecord, load_record
 from pipeline.store import ActivationStore
 
@@ -47,11 +48,12 @@ class ActivationDataset(IterableDataset):
         layers: list[int] | None = None,
         centre: bool = True,
         seed: int = 0,
+        outlier_ratio: float | None = DEFAULT_RATIO,
     ) -> None:
         super().__init__()
         self.store, self.batch_size, self.split = store, batch_size, split
         self.layers = list(range(store.n_layers)) if layers is None else list(layers)
-        self.centre, self.seed = centre, seed
+        self.centre, self.seed, self.outlier_ratio = centre, seed, outlier_ratio
         self._epoch = 0
 
     def __iter__(self) -> Iterator[Tensor]:
@@ -66,6 +68,7 @@ class ActivationDataset(IterableDataset):
             centre=self.centre,
             mode="stream",
             workers=1,
+            outlier_ratio=self.outlier_ratio,
         )
         epoch, self._epoch = self._epoch, self._epoch + 1
         try:
@@ -79,7 +82,8 @@ class ActivationDataset(IterableDataset):
         """Batches per epoch (for progress bars)."""
         from pipeline.loader import split_rows
 
-        return -(-len(split_rows(self.store, self.split)) // self.batch_size)
+        excluded = excluded_rows(outlier_scan(self.store, self.outlier_ratio))
+        return -(-len(split_rows(self.store, self.split, exclude=excluded)) // self.batch_size)
 
 
 class Store:
@@ -131,9 +135,16 @@ class Store:
         """Raw activations of rows ``[start, stop)``: float32 ``[rows, n_layers, d_model]``."""
         return self._store.read(start, stop, layers)
 
-    def normaliser(self, layers: list[int] | None = None, centre: bool = True) -> Normaliser:
-        """The per-layer normalisation training uses (``apply`` / ``invert``)."""
-        return Normaliser.from_store(self._store, layers or self.layers, centre)
+    def normaliser(
+        self,
+        layers: list[int] | None = None,
+        centre: bool = True,
+        outlier_ratio: float | None = DEFAULT_RATIO,
+    ) -> Normaliser:
+        """The per-layer normalisation training uses (``apply`` / ``invert``), over the
+        tokens training keeps (``pipeline.outliers``; None: every token)."""
+        outliers = outlier_scan(self._store, outlier_ratio)
+        return Normaliser.from_store(self._store, layers or self.layers, centre, outliers)
 
     def dataset(
         self,
@@ -142,11 +153,13 @@ class Store:
         layers: list[int] | None = None,
         centre: bool = True,
         seed: int = 0,
+        outlier_ratio: float | None = DEFAULT_RATIO,
     ) -> ActivationDataset:
-        """Shuffled normalised batches (split ``train``, ``test`` or ``all``)."""
+        """Shuffled normalised batches (split ``train``, ``test`` or ``all``), without the
+        massive-activation tokens training drops (``outlier_ratio`` None keeps them)."""
         return ActivationDataset(
             self._store, batch_size=batch_size, split=split, layers=layers, centre=centre,
-            seed=seed,
+            seed=seed, outlier_ratio=outlier_ratio,
         )  # fmt: skip
 
     def __repr__(self) -> str:

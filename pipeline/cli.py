@@ -524,6 +524,14 @@ def _parse_ints(text: str, option: str) -> list[int]:
     default=None,
     help="Tokens in the cp sample (default: pipeline.spectrum.CP_SAMPLE_TOKENS).",
 )
+@click.option(
+    "--outlier-ratio",
+    type=click.FloatRange(min=0),
+    default=30.0,
+    show_default=True,
+    help="Drop tokens whose norm at any layer exceeds this multiple of the layer median "
+    "(massive activations), as training does; 0 keeps every token.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @user_errors
 def spectrum(
@@ -534,6 +542,7 @@ def spectrum(
     max_tokens: int | None,
     cp_ranks: str | None,
     cp_tokens: int | None,
+    outlier_ratio: float,
     as_json: bool,
 ) -> None:
     """Floor FVU of a rank-R shared layer basis, R = 1..L, on the training split.
@@ -551,12 +560,17 @@ def spectrum(
 
     store = _open_spectrum_cache(cache, cache_root)
     chosen = sp.store_layers(store, "all" if layers == "all" else _parse_ints(layers, "--layers"))
-    rows, n_tokens = sp.store_spectrum(store, chosen, centre, max_tokens)
+    if 0 < outlier_ratio <= 1:
+        raise click.BadParameter(
+            "must be above 1 (or 0 to keep every token)", param_hint="--outlier-ratio"
+        )
+    ratio = outlier_ratio or None
+    rows, n_tokens = sp.store_spectrum(store, chosen, centre, max_tokens, ratio)
     cp = None
     if cp_ranks:
         ranks = _parse_ints(cp_ranks, "--cp-ranks")
         cp, cp_n = sp.store_cp_floors(
-            store, chosen, centre, ranks, cp_tokens or sp.CP_SAMPLE_TOKENS
+            store, chosen, centre, ranks, cp_tokens or sp.CP_SAMPLE_TOKENS, ratio
         )
     if as_json:
         table = [{"rank": r.rank, "share": r.share, "floor_fvu": r.floor_fvu} for r in rows]
@@ -567,6 +581,10 @@ def spectrum(
             click.echo(json.dumps({"layer": table, "cp": cp_rows}, indent=1))
         return
     click.echo(f"cache {store.key}  layers {len(chosen)}  tokens {n_tokens:,}  centre {centre}")
+    if ratio is not None:
+        from pipeline.outliers import outlier_scan
+
+        click.echo(f"excluded: {outlier_scan(store, ratio).summary()}")
     click.echo(f"{'rank':>6}{'share':>10}{'floor FVU':>12}")
     for r in rows:
         click.echo(f"{r.rank:>6}{r.share:>10.4f}{r.floor_fvu:>12.4f}")

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pipeline.outliers import excluded_rows, outlier_scan
 from pipeline.readers import (
     ChunkDecoder,
     MemmapReader,
@@ -60,13 +61,18 @@ def validation_documents(doc_ids: np.ndarray, fraction: float) -> np.ndarray:
 
 
 def split_rows(
-    store: ActivationStore, split: str, *, validation_fraction: float = 0.0
+    store: ActivationStore,
+    split: str,
+    *,
+    validation_fraction: float = 0.0,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Row indices of non-special tokens whose document is in ``split``.
 
     ``split`` is train, validation, test or all. ``validation`` is carved from the store's
     train documents (``validation_fraction`` of them, by a hash of doc_id); ``train`` then
-    excludes them whenever the fraction is > 0. The test split is never touched."""
+    excludes them whenever the fraction is > 0. The test split is never touched. Rows in
+    ``exclude`` (an outlier scan's) are dropped from every split."""
     if split not in ("train", "validation", "test", "all"):
         raise ValueError(f"split must be train, validation, test or all, not {split!r}")
     tokens = store.tokens(columns=["doc_id", "is_special"])
@@ -85,6 +91,8 @@ def split_rows(
         in_split = np.zeros(int(ids.max()) + 2, dtype=bool)
         in_split[selected] = True
         keep &= in_split[doc_ids]  # doc_id -1 (special) indexes the spare last slot: False
+    if exclude is not None:
+        keep[exclude] = False
     return np.flatnonzero(keep)
 
 
@@ -108,6 +116,7 @@ class ActivationLoader:
         window_bytes: int | None = None,
         verbose: bool = False,
         validation_fraction: float = 0.0,
+        outlier_ratio: float | None = None,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -115,10 +124,17 @@ class ActivationLoader:
         self.seed = seed
         self.split = split
         self.device = torch.device(device)
-        self.rows = split_rows(store, split, validation_fraction=validation_fraction)
+        self.outliers = outlier_scan(store, outlier_ratio)
+        self.rows = split_rows(
+            store,
+            split,
+            validation_fraction=validation_fraction,
+            exclude=excluded_rows(self.outliers),
+        )
         if self.rows.size == 0:
             raise ValueError(f"split '{split}' of store {store.key} has no tokens")
-        self.normaliser = Normaliser.from_store(store, self.layers, centre).to(self.device)
+        self.normaliser = Normaliser.from_store(store, self.layers, centre, self.outliers)
+        self.normaliser = self.normaliser.to(self.device)
         self.decoder = ChunkDecoder(store, self.layers, self.rows, workers)
         self.row_bytes = len(self.layers) * store.d_model * 2
         if resident_max_bytes is None and mode == "auto":
@@ -134,6 +150,8 @@ class ActivationLoader:
         self.mode = self.choice.mode
         if verbose:
             print(f"loader: {self.mode} ({self.choice.reason})")
+            if self.outliers is not None and self.outliers.rows.size:
+                print(f"loader: excluded {self.outliers.summary()}")
         self.reader = self._reader(workers, window_bytes, buffer_chunks)
 
     def _reader(self, workers: int, window_bytes: int | None, buffer_chunks: int | None) -> Reader:
@@ -160,7 +178,18 @@ class ActivationLoader:
 
     def describe(self) -> dict:
         """The mode, why it was chosen, and the reader's figures: for the run's metadata."""
-        return {"mode": self.mode, "reason": self.choice.reason, **self.reader.describe()}
+        excluded = {}
+        if self.outliers is not None:
+            excluded = {
+                "outlier_ratio": self.outliers.ratio,
+                "outlier_tokens_excluded": int(self.outliers.rows.size),
+            }
+        return {
+            "mode": self.mode,
+            "reason": self.choice.reason,
+            **excluded,
+            **self.reader.describe(),
+        }
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[torch.Tensor]:
         """Batches of one epoch, normalised float32 on ``self.device``."""

@@ -48,12 +48,21 @@ def default_reports_root() -> Path:
     return Path(os.environ.get("FMX_REPORTS_DIR", data_dir() / "reports"))
 
 
-def spectrum_cache_file(key: str, layers: list[int], centre: bool) -> Path:
-    """Cached floor FVUs of one store, layer selection and centring (outside the store)."""
+def spectrum_cache_file(
+    key: str, layers: list[int], centre: bool, outlier_ratio: float | None = None
+) -> Path:
+    """Cached floor FVUs of one store, layer selection, centring and outlier rule (outside
+    the store)."""
     tag = "-".join(map(str, layers))
     if len(tag) > 40:
         tag = hashlib.sha256(tag.encode()).hexdigest()[:16]
-    return data_dir() / "spectrum" / f"{key}-{tag}-{'c' if centre else 'u'}.json"
+    rule = "" if outlier_ratio is None else f"-x{outlier_ratio:g}"
+    return data_dir() / "spectrum" / f"{key}-{tag}-{'c' if centre else 'u'}{rule}.json"
+
+
+def outlier_scan_file(key: str, ratio: float) -> Path:
+    """Cached massive-activation scan of one store at one norm ratio (outside the store)."""
+    return data_dir() / "outliers" / f"{key}-{ratio:g}.safetensors"
 
 
 def decoded_split_file(store_key: str, digest: str) -> Path:

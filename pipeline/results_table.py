@@ -240,6 +240,18 @@ def _count(row: dict, key: str) -> str:
     return "" if value is None else f"{value:,.0f}" if _finite(value) else "n/a"
 
 
+def _outlier_note(summary: dict) -> str:
+    outliers = summary.get("outliers") or {}
+    if not outliers.get("excluded_tokens"):
+        return ""
+    share = max(outliers.get("energy_share") or [0.0])
+    return (
+        f" {outliers['excluded_tokens']} massive-activation tokens (norm above "
+        f"{outliers['ratio']:g}x the layer median; up to {share:.0%} of a layer's squared "
+        "norm) are excluded from training, validation, evaluation and normalisation."
+    )
+
+
 def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = None) -> str:
     k = table[0]["probe_k"] if table else 0
     judge = next((r["judge"] for r in table if "judge" in r), "?")
@@ -247,7 +259,7 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
     lines = [
         f"Held-out tokens: {summary.get('n_eval_tokens', '?')}; store {summary.get('store', '?')};"
         f" probing F1 = mean of token- and sequence-level mean F1 with k = {k} latents;"
-        f" judge: {judge}; mean ± sd over {seeds} seed(s) per row.",
+        f" judge: {judge}; mean ± sd over {seeds} seed(s) per row.{_outlier_note(summary)}",
         "",
         "| variant | role | seeds | lr | parameters | L0 | FVU | floor FVU | MSE "
         "| MSE vs crosscoder | probe F1 | vs SAE (pts) | N_eff | N_eff abs | N_eff ablation "

@@ -40,11 +40,14 @@ class RunRecord:
     name: str
 
     @classmethod
-    def from_store(cls, store: Any, layers: list[int], centre: bool, name: str) -> RunRecord:
-        """The record of a coder trained on ``layers`` of ``store`` (an ActivationStore)."""
+    def from_store(
+        cls, store: Any, layers: list[int], centre: bool, name: str, outliers: Any = None
+    ) -> RunRecord:
+        """The record of a coder trained on ``layers`` of ``store`` (an ActivationStore),
+        normalised over the tokens ``outliers`` (an OutlierScan, or None) keeps."""
         from pipeline.loader import Normaliser
 
-        norm = Normaliser.from_store(store, layers, centre)
+        norm = Normaliser.from_store(store, layers, centre, outliers)
         material = store.manifest.get("key_material", {})
         return cls(
             norm.mean.float().cpu(),
@@ -126,7 +129,8 @@ def load_record(checkpoint: Path, cache_root: Path | None = None) -> RunRecord:
         return record
     from pipeline.catalog import find_store
     from pipeline.checkpoint import read_coder_json
-    from pipeline.train_manifest import CoderManifest
+    from pipeline.outliers import outlier_scan
+    from pipeline.train_manifest import recorded_manifest
 
     run_json = checkpoint.parent / "coder_manifest.json"
     doc = json.loads(run_json.read_text()) if run_json.is_file() else {}
@@ -135,8 +139,9 @@ def load_record(checkpoint: Path, cache_root: Path | None = None) -> RunRecord:
         raise ValueError(
             f"{checkpoint}: no {NORMALISATION_FILE} and no run record naming its cache"
         )
-    manifest = CoderManifest.model_validate(doc["manifest"])
+    manifest = recorded_manifest(doc["manifest"])
     root = cache_root or (Path(manifest.cache.root) if manifest.cache.root else None)
     store = find_store(doc["cache_key"], root)
     layers = list(range(store.n_layers)) if manifest.layers == "all" else list(manifest.layers)
-    return RunRecord.from_store(store, layers, manifest.training.centre, manifest.name)
+    outliers = outlier_scan(store, manifest.training.outlier_norm_ratio)
+    return RunRecord.from_store(store, layers, manifest.training.centre, manifest.name, outliers)

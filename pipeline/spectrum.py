@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from pipeline.loader import Normaliser, split_rows
+from pipeline.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
 from pipeline.store import ActivationStore
 
 # The train warning's sample (tokens): enough for an L x L Gram to settle to ~1e-3.
@@ -168,14 +169,16 @@ def training_batches(
     centre: bool,
     max_tokens: int | None = None,
     split: str = "train",
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> Iterator[Tensor]:
     """The split's tokens, one store chunk at a time, normalised as the trainer sees them.
 
     All chunks in store order; with ``max_tokens``, chunks in a fixed random order (seed 0)
     until that many tokens, so a sample spans the store rather than its first documents.
     """
-    normaliser = Normaliser.from_store(store, layers, centre)
-    rows = split_rows(store, split)
+    outliers = outlier_scan(store, outlier_ratio)
+    normaliser = Normaliser.from_store(store, layers, centre, outliers)
+    rows = split_rows(store, split, exclude=excluded_rows(outliers))
     if rows.size == 0:
         raise ValueError(f"spectrum: the {split} split of cache {store.key} has no tokens")
     order = np.arange(store.n_chunks)
@@ -211,11 +214,15 @@ def store_layers(store: ActivationStore, layers: str | list[int] | tuple[int, ..
 
 
 def store_spectrum(
-    store: ActivationStore, layers: list[int], centre: bool, max_tokens: int | None = None
+    store: ActivationStore,
+    layers: list[int],
+    centre: bool,
+    max_tokens: int | None = None,
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> tuple[list[SpectrumRow], int]:
     """The shared-layer-basis table of the training split, and the tokens it read."""
     acc = MomentAccumulator()
-    for x in training_batches(store, layers, centre, max_tokens):
+    for x in training_batches(store, layers, centre, max_tokens, outlier_ratio=outlier_ratio):
         acc.update(x)
     return layer_spectrum(acc), acc.n
 
@@ -226,6 +233,7 @@ def store_cp_floors(
     centre: bool,
     ranks: list[int],
     max_tokens: int = CP_SAMPLE_TOKENS,
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> tuple[dict[int, float], int]:
     """cp floor FVU at each rank, from one training-split sample; and the tokens read."""
     acc = accumulator_for(DecoderFloor("cp", 1), len(layers), store.d_model)
@@ -233,7 +241,7 @@ def store_cp_floors(
         raise ValueError(
             f"cp floor: L*d = {len(layers) * store.d_model} is above CP_MAX_DIM = {CP_MAX_DIM}"
         )
-    for x in training_batches(store, layers, centre, max_tokens):
+    for x in training_batches(store, layers, centre, max_tokens, outlier_ratio=outlier_ratio):
         acc.update(x)
     ev = acc.standardised_eigenvalues()
     curve = floor_curve(ev, len(layers))
@@ -241,7 +249,11 @@ def store_cp_floors(
 
 
 def sample_floor_curve(
-    store: ActivationStore, layers: list[int], centre: bool, kind: FloorKind
+    store: ActivationStore,
+    layers: list[int],
+    centre: bool,
+    kind: FloorKind,
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> list[float] | None:
     """Floor FVU at every rank (``[R-1]``) of a ``shared_basis`` or ``cp`` decoder, on the
     default training-split sample (None: cp too big to measure); 6 decimals."""
@@ -249,7 +261,7 @@ def sample_floor_curve(
     if acc is None:
         return None
     max_tokens = CP_SAMPLE_TOKENS if kind == "cp" else WARN_SAMPLE_TOKENS
-    for x in training_batches(store, layers, centre, max_tokens):
+    for x in training_batches(store, layers, centre, max_tokens, outlier_ratio=outlier_ratio):
         acc.update(x)
     curve = floor_curve(acc.standardised_eigenvalues(), len(layers))
     if kind == "shared_basis":
@@ -258,17 +270,21 @@ def sample_floor_curve(
 
 
 def cached_floor_fvu(
-    store: ActivationStore, layers: list[int], centre: bool, floor: DecoderFloor
+    store: ActivationStore,
+    layers: list[int],
+    centre: bool,
+    floor: DecoderFloor,
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> float | None:
     """A decoder's floor FVU from ``sample_floor_curve``, measured once per store, layers,
     centring and kind, and cached as JSON under the data dir (never in the store): every
     rank of that kind is then a lookup."""
     from pipeline.paths import spectrum_cache_file
 
-    path = spectrum_cache_file(store.key, layers, centre)
+    path = spectrum_cache_file(store.key, layers, centre, outlier_ratio)
     cached: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
     if floor.kind not in cached:
-        cached[floor.kind] = sample_floor_curve(store, layers, centre, floor.kind)
+        cached[floor.kind] = sample_floor_curve(store, layers, centre, floor.kind, outlier_ratio)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(cached, sort_keys=True))
@@ -280,7 +296,12 @@ def cached_floor_fvu(
 
 
 def train_warning(
-    name: str, config: Any, store: ActivationStore, layers: list[int], centre: bool
+    name: str,
+    config: Any,
+    store: ActivationStore,
+    layers: list[int],
+    centre: bool,
+    outlier_ratio: float | None = DEFAULT_RATIO,
 ) -> str | None:
     """``pipeline train``'s one line for a variant whose decoder floor is above
     ``FLOOR_WARN_FVU`` on this cache (measured once per cache, then read from the cache
@@ -288,7 +309,8 @@ def train_warning(
     floor = decoder_floor(config)
     if floor is None:
         return None
-    return floor_warning(name, floor, cached_floor_fvu(store, layers, centre, floor), store.key)
+    fvu = cached_floor_fvu(store, layers, centre, floor, outlier_ratio)
+    return floor_warning(name, floor, fvu, store.key)
 
 
 def floor_warning(name: str, floor: DecoderFloor, fvu: float | None, key: str) -> str | None:

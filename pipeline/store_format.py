@@ -165,7 +165,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     offset = 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().to("cpu").contiguous()
-        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+        blob = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         header[name] = {
             "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),

@@ -19,6 +19,7 @@ from pipeline.manifest_io import (
     describe_validation_error,
     load_manifest,
 )
+from pipeline.outliers import DEFAULT_RATIO
 
 
 class CacheRef(Strict):
@@ -71,6 +72,13 @@ class TrainingSpec(Strict):
         ge=1,
         description="Steps between held-out checks (val_fvu, val_l0 on validation rows; "
         "also at the final step).",
+    )
+    outlier_norm_ratio: float | None = Field(
+        DEFAULT_RATIO,
+        gt=1,
+        description="Drop tokens whose norm at any stored layer exceeds this multiple of the "
+        "layer's median (massive activations) from training, validation, evaluation and the "
+        "normalisation; null keeps every token.",
     )
     validation_tokens: int = Field(
         4096, ge=1, description="Validation rows decoded once for the held-out checks."
@@ -138,6 +146,15 @@ class CoderManifest(Strict):
 
     def total_steps(self) -> int:
         return -(-self.training.tokens // self.training.batch_size)
+
+
+def recorded_manifest(data: dict[str, Any]) -> CoderManifest:
+    """A run's recorded manifest. Runs recorded before outlier exclusion existed kept every
+    token, so a record without the field reads as null, not as today's default."""
+    training = data.get("training", {})
+    if "outlier_norm_ratio" not in training:
+        data = {**data, "training": {**training, "outlier_norm_ratio": None}}
+    return CoderManifest.model_validate(data)
 
 
 def load_coder_manifest(path: str | Path) -> tuple[CoderManifest, Path]:

@@ -23,6 +23,7 @@ def validation_sample(
     fraction: float,
     centre: bool,
     device: torch.device,
+    outlier_ratio: float | None = None,
 ) -> Tensor | None:
     """Up to ``tokens`` normalised validation rows ``[n, L, d]`` on ``device`` (seeded, the
     same for every run of the cache); None when the run holds out no validation split."""
@@ -40,6 +41,7 @@ def validation_sample(
             mode="stream",
             buffer_chunks=1,
             validation_fraction=fraction,
+            outlier_ratio=outlier_ratio,
         )
     except ValueError:  # a store too small to hold out any document
         return None

@@ -44,6 +44,7 @@ from pipeline.evaluation.splice import (
 from pipeline.evaluation.top_contexts import TokenView, store_decode
 from pipeline.loader import ActivationLoader, Normaliser
 from pipeline.models import resolve_device
+from pipeline.outliers import outlier_scan
 from pipeline.paths import (
     EvaluationPaths,
     ReportPaths,
@@ -52,7 +53,7 @@ from pipeline.paths import (
     report_dir,
 )
 from pipeline.store import ActivationStore, StoreError
-from pipeline.train_manifest import CoderManifest, load_coder_manifest
+from pipeline.train_manifest import CoderManifest, load_coder_manifest, recorded_manifest
 from stages.train import open_cache, run_paths, store_layers
 
 
@@ -102,7 +103,7 @@ def _run_record(checkpoint: Path) -> tuple[str, CoderManifest, int]:
         raise ValueError(f"{checkpoint}: no run record ({record_path.name}) names its cache")
     return (
         record["cache_key"],
-        CoderManifest.model_validate(record["manifest"]),
+        recorded_manifest(record["manifest"]),
         extra.get("step", 0),
     )
 
@@ -123,7 +124,10 @@ def load_variants(
         store = stores[key]
         layers = store_layers(manifest, store)
         coder = load_coder(checkpoint, device)
-        normaliser = Normaliser.from_store(store, layers, manifest.training.centre).to(device)
+        ratio = manifest.training.outlier_norm_ratio
+        outliers = outlier_scan(store, ratio)
+        normaliser = Normaliser.from_store(store, layers, manifest.training.centre, outliers)
+        normaliser = normaliser.to(device)
         variants.append(
             Variant(
                 manifest.name,
@@ -134,7 +138,15 @@ def load_variants(
                 normaliser,
                 step,
                 coder.config.kind,
+                outlier_ratio=ratio,
             )
+        )
+    ratios = {v.outlier_ratio for v in variants}
+    if len(ratios) > 1:
+        raise ValueError(
+            "training.outlier_norm_ratio: runs differ "
+            f"({', '.join(map(str, sorted(ratios, key=str)))}): they would be tested on "
+            "different tokens; evaluate them separately"
         )
     if len(stores) != 1:
         raise StoreError(
@@ -147,6 +159,18 @@ def load_variants(
             v.name = f"{v.name}-{v.run_dir.name[:6]}"
         v.slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", v.name)
     return next(iter(stores.values())), variants
+
+
+def outlier_record(store: ActivationStore, ratio: float | None) -> dict:
+    """What the massive-activation rule removed from every split (pipeline.outliers)."""
+    scan = outlier_scan(store, ratio)
+    if scan is None:
+        return {"ratio": None, "excluded_tokens": 0}
+    return {
+        "ratio": ratio,
+        "excluded_tokens": int(scan.rows.size),
+        "energy_share": [round(float(v), 4) for v in scan.energy_share],
+    }
 
 
 def default_out_dir(store: ActivationStore, variants: list[Variant], options) -> Path:
@@ -177,6 +201,7 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
         split="test",
         mode="stream",
         device=variants[0].scale.device,
+        outlier_ratio=variants[0].outlier_ratio,
     )
     eval_rows = loader.rows[: options.max_tokens]
     tokens, documents = store.tokens(), store.documents()
@@ -286,6 +311,7 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         "model": store.manifest["manifest"]["model"],
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
         "n_eval_tokens": int(m.passed.eval_rows.size),
+        "outliers": outlier_record(store, variants[0].outlier_ratio),
         "probe_tasks": {
             "token": sorted(m.tasks.token),
             "sequence": sorted(m.tasks.sequence),

@@ -34,6 +34,7 @@ from pipeline.loader import ActivationLoader, split_rows
 from pipeline.locks import exclusive_lock
 from pipeline.manifest_io import ManifestError, check_device, check_writable_dir
 from pipeline.models import resolve_device
+from pipeline.outliers import excluded_rows, outlier_scan
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning
@@ -279,10 +280,12 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             window = resolve_dead_after_tokens(spec.tokens, spec.batch_size)
             config = config.model_copy(update={"dead_after_tokens": window})
         fraction = manifest.training.validation_fraction
-        if (store.key, fraction) not in train_tokens:
-            rows = split_rows(store, "train", validation_fraction=fraction)
-            train_tokens[store.key, fraction] = len(rows)
-        check_runnable(manifest, store, train_tokens[store.key, fraction])
+        ratio = manifest.training.outlier_norm_ratio
+        if (store.key, fraction, ratio) not in train_tokens:
+            excluded = excluded_rows(outlier_scan(store, ratio))
+            rows = split_rows(store, "train", validation_fraction=fraction, exclude=excluded)
+            train_tokens[store.key, fraction, ratio] = len(rows)
+        check_runnable(manifest, store, train_tokens[store.key, fraction, ratio])
         checked.append((manifest, store, layers, config))
     for manifest, store, layers, config in checked:
         paths = run_paths(manifest, store.key)
@@ -292,7 +295,10 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
         if dist is None or dist.is_main:
-            line = train_warning(manifest.name, config, store, layers, manifest.training.centre)
+            spec = manifest.training
+            line = train_warning(
+                manifest.name, config, store, layers, spec.centre, spec.outlier_norm_ratio
+            )
             if line:
                 print(line, file=sys.stderr, flush=True)
         device = resolve_device(manifest.run.device)
@@ -307,10 +313,12 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             spec.centre,
             spec.validation_fraction,
             spec.validation_tokens,
+            spec.outlier_norm_ratio,
             str(device),
         )
         coder_run = new_coder_run(manifest, config, paths, store.key, device, dist)
-        coder_run.record = RunRecord.from_store(store, layers, spec.centre, manifest.name)
+        outliers = outlier_scan(store, spec.outlier_norm_ratio)
+        coder_run.record = RunRecord.from_store(store, layers, spec.centre, manifest.name, outliers)
         if coder_run.is_main:
             write_run_name(paths.root, manifest.name)
         groups[signature].append(coder_run)
@@ -330,6 +338,7 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             validation_fraction=spec.validation_fraction,
             resident_max_bytes=manifest.run.resident_max_bytes,
             verbose=dist is None or dist.is_main,
+            outlier_ratio=spec.outlier_norm_ratio,
         )
         held_out = validation_sample(
             store,
@@ -338,6 +347,7 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             fraction=spec.validation_fraction,
             centre=spec.centre,
             device=torch.device(signature[-1]),
+            outlier_ratio=spec.outlier_norm_ratio,
         )
         for run in runs:
             if run.is_main:

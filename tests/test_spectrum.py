@@ -15,6 +15,7 @@ from pipeline import spectrum as sp
 from pipeline.cli import main
 from pipeline.coders import coder_config_from_dict
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
+from pipeline.outliers import DEFAULT_RATIO
 from pipeline.spectrum import DecoderFloor, MomentAccumulator
 
 N, L, D = 4000, 5, 6
@@ -198,7 +199,7 @@ def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monke
         f"with floor FVU {rows[0].floor_fvu:.3f} on this cache (pipeline spectrum {store.key})"
     ]
     # measured on a sample and cached outside the store, keyed by store, layers and centring
-    cached = paths.spectrum_cache_file(store.key, layers, True)
+    cached = paths.spectrum_cache_file(store.key, layers, True, DEFAULT_RATIO)
     assert cached.is_file() and tmp_path / "data" in cached.parents
     curve = json.loads(cached.read_text())["shared_basis"]  # every rank, measured once
     assert curve == pytest.approx([r.floor_fvu for r in rows], abs=1e-6)

@@ -58,6 +58,7 @@ class Variant:
     step: int
     kind: str
     columns: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    outlier_ratio: float | None = None  # training's massive-activation rule (pipeline.outliers)
 
     @property
     def scale(self) -> Tensor:

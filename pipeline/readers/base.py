@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.outliers import OutlierScan
 from pipeline.store import ActivationStore
 from pipeline.store_format import TORCH_STORAGE
 
@@ -24,8 +25,15 @@ class Normaliser:
     centre: bool
 
     @classmethod
-    def from_store(cls, store: ActivationStore, layers: list[int], centre: bool) -> Normaliser:
-        stats = store.stats
+    def from_store(
+        cls,
+        store: ActivationStore,
+        layers: list[int],
+        centre: bool,
+        outliers: OutlierScan | None = None,
+    ) -> Normaliser:
+        """From the store's statistics, or from those of the tokens an outlier scan keeps."""
+        stats = store.stats if outliers is None else outliers.stats
         norm = stats["centred_rms_norm" if centre else "mean_norm"][layers]
         scale = store.d_model**0.5 / norm.clamp_min(1e-6)
         return cls(stats["mean"][layers].float(), scale.float(), centre)
