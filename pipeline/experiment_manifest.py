@@ -32,6 +32,12 @@ class EvaluationSpec(Strict):
 class LrSweepSpec(Strict):
     lrs: list[float] = Field(min_length=1, description="Learning rates tried per variant.")
     tokens: int = Field(ge=1, description="Token budget of each sweep run (seed 0).")
+    extend_at_edges: int = Field(
+        2,
+        ge=0,
+        description="When a variant's best lr is the lowest or highest tried, try up to this "
+        "many more beyond it, one at a time, each a step of the grid's own ratio further.",
+    )
 
 
 class SparsitySweepSpec(Strict):

@@ -55,19 +55,41 @@ def _suffix(seed: int, seeds: list[int]) -> str:
     return f" s{seed}" if len(seeds) > 1 else ""
 
 
+def lr_sweep_run(
+    manifest: CoderManifest, base: Path, lr: float, tokens: int, source: str
+) -> PlannedRun:
+    """One short seed-0 run of ``manifest`` at ``lr``."""
+    name = f"{manifest.name} lr={lr:g}"
+    m = derive(manifest, name, 0, source, training={"lr": lr, "tokens": tokens})
+    return PlannedRun(manifest.name, "lr_sweep", 0, m, base)
+
+
 def lr_sweep_runs(
     experiment: ExperimentManifest, variants: list[tuple[CoderManifest, Path]], source: str
 ) -> list[PlannedRun]:
     sweep = experiment.lr_sweep
     if sweep is None:
         return []
-    out = []
-    for manifest, base in variants:
-        for lr in sweep.lrs:
-            name = f"{manifest.name} lr={lr:g}"
-            m = derive(manifest, name, 0, source, training={"lr": lr, "tokens": sweep.tokens})
-            out.append(PlannedRun(manifest.name, "lr_sweep", 0, m, base))
-    return out
+    return [
+        lr_sweep_run(manifest, base, lr, sweep.tokens, source)
+        for manifest, base in variants
+        for lr in sweep.lrs
+    ]
+
+
+def beyond_edge(points: list[dict]) -> float | None:
+    """The next lr to try when the best point is the lowest or highest lr tried (a step of
+    the ratio between the two outermost lrs on that side), else None: a best lr at the
+    edge of a grid says only that the optimum may lie further out."""
+    lrs = sorted({p["lr"] for p in points})
+    if len(lrs) < 2:
+        return None
+    best = choose_lr(points)
+    if best == lrs[0]:
+        return lrs[0] * lrs[0] / lrs[1]
+    if best == lrs[-1]:
+        return lrs[-1] * lrs[-1] / lrs[-2]
+    return None
 
 
 def protocol_runs(

@@ -290,7 +290,8 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         lines += ["| variant | lr | validation FVU per lr |", "|---|---|---|"]
         for variant, entry in lr_sweep.items():
             points = ", ".join(f"{p['lr']:g}: {_fmt(p.get('val_fvu'))}" for p in entry["points"])
-            lines.append(f"| {variant} | {entry['chosen_lr']:g} | {points} |")
+            edge = " (at the grid's edge)" if entry.get("at_edge") else ""
+            lines.append(f"| {variant} | {entry['chosen_lr']:g}{edge} | {points} |")
     return "\n".join(lines) + "\n"
 
 

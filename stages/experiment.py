@@ -23,9 +23,11 @@ from pipeline.manifest_io import ManifestError
 from pipeline.paths import ExperimentPaths, ReportPaths
 from pipeline.protocol import (
     PlannedRun,
+    beyond_edge,
     choose_lr,
     cost_line,
     final_validation,
+    lr_sweep_run,
     lr_sweep_runs,
     protocol_runs,
 )
@@ -75,17 +77,41 @@ def _lr_sweep(
         return {}
     if any(p.manifest.training.validation_fraction <= 0 for p in planned):
         raise ManifestError("lr_sweep needs training.validation_fraction > 0 (a validation split)")
-    run_dirs = _train(planned, device)
     out: dict[str, dict] = {}
-    for i, p in enumerate(planned):
-        val = final_validation(run_dirs[i]) or {}
-        point = {"lr": p.lr, "val_fvu": val.get("val_fvu"), "val_l0": val.get("val_l0")}
-        point |= {"tokens": p.manifest.training.tokens, "run_dir": run_id(run_dirs[i])}
-        out.setdefault(p.variant, {"points": []})["points"].append(point)
+    sweep = experiment.lr_sweep
+    for round_ in range(1 + (sweep.extend_at_edges if sweep else 0)):
+        if round_ > 0:  # best at an edge of the grid: one more lr beyond it, per variant
+            planned = _extensions(out, planned, sweep.tokens if sweep else 0)
+            if not planned:
+                break
+            names = ", ".join(f"{p.variant} {p.lr:g}" for p in planned)
+            print(f"lr sweep: best lr at the grid's edge; also trying {names}", flush=True)
+        run_dirs = _train(planned, device)
+        for i, p in enumerate(planned):
+            val = final_validation(run_dirs[i]) or {}
+            point = {"lr": p.lr, "val_fvu": val.get("val_fvu"), "val_l0": val.get("val_l0")}
+            point |= {"tokens": p.manifest.training.tokens, "run_dir": run_id(run_dirs[i])}
+            entry = out.setdefault(p.variant, {"points": [], "planned": p})
+            entry["points"].append(point)
     for entry in out.values():
+        entry.pop("planned")
+        entry["points"].sort(key=lambda q: q["lr"])
         entry["chosen_lr"] = choose_lr(entry["points"])
         entry["chosen_by"] = "lowest val_fvu (validation split), seed 0"
+        entry["at_edge"] = beyond_edge(entry["points"]) is not None
     return out
+
+
+def _extensions(out: dict[str, dict], planned: list[PlannedRun], tokens: int) -> list[PlannedRun]:
+    """The next sweep run of every variant whose best lr is still at an edge."""
+    runs = []
+    for entry in out.values():
+        lr = beyond_edge(entry["points"])
+        if lr is not None:
+            first: PlannedRun = entry["planned"]
+            variant = first.manifest.model_copy(update={"name": first.variant})
+            runs.append(lr_sweep_run(variant, first.base, lr, tokens, "lr sweep"))
+    return runs
 
 
 def _frontier(planned: list[PlannedRun], run_dirs: dict[int, Path]) -> dict[str, list[dict]]:

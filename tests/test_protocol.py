@@ -15,7 +15,7 @@ from pipeline.coders.base import layer_fvu, resolve_dead_after_tokens
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
 from pipeline.experiment_manifest import ExperimentManifest, variant_manifests
 from pipeline.loader import split_rows, validation_documents
-from pipeline.protocol import choose_lr, cost_line, lr_sweep_runs, protocol_runs
+from pipeline.protocol import beyond_edge, choose_lr, cost_line, lr_sweep_runs, protocol_runs
 from pipeline.results_table import protocol_table, render_markdown
 from pipeline.store import ActivationStore
 from pipeline.train_manifest import CoderManifest
@@ -209,6 +209,57 @@ def test_lr_choice_is_the_lowest_validation_fvu():
     assert choose_lr(points) == 3e-4
     with pytest.raises(ValueError, match="no run logged a finite val_fvu"):
         choose_lr([{"lr": 1e-3, "val_fvu": None}])
+
+
+def test_a_best_lr_at_the_grid_edge_asks_for_one_step_further():
+    grid = [
+        {"lr": 1e-3, "val_fvu": 0.3},
+        {"lr": 3e-3, "val_fvu": 0.4},
+        {"lr": 1e-2, "val_fvu": 0.5},
+    ]
+    assert beyond_edge(grid) == pytest.approx(1e-3 / 3)
+    grid[2]["val_fvu"] = 0.1
+    assert beyond_edge(grid) == pytest.approx(1e-2 * 10 / 3)
+    grid[1]["val_fvu"] = 0.05
+    assert beyond_edge(grid) is None  # interior: the grid brackets the optimum
+    assert beyond_edge([{"lr": 1e-3, "val_fvu": 0.3}]) is None
+
+
+def test_the_sweep_extends_past_an_edge_until_bracketed_or_out_of_steps(monkeypatch, tmp_path):
+    """Validation FVU is lowest at lr 1e-4, below a [1e-3, 3e-3] grid: the sweep steps down
+    by the grid's ratio, one run per round, and stops once the optimum is bracketed."""
+    from stages import experiment as stage
+
+    def fake_train(planned, device):
+        return {i: tmp_path / "runs" / f"{p.variant}-{p.lr:.6g}" for i, p in enumerate(planned)}
+
+    def fake_validation(run_dir):
+        lr = float(run_dir.name.rsplit("-", 1)[1])
+        return {"step": 1, "val_fvu": abs(math.log10(lr) + 4) + 0.1, "val_l0": 4.0}
+
+    monkeypatch.setattr(stage, "_train", fake_train)
+    monkeypatch.setattr(stage, "final_validation", fake_validation)
+
+    def sweep(extend: int) -> dict:
+        experiment = ExperimentManifest.model_validate(
+            {
+                "name": "edge",
+                "harvest": "h.yaml",
+                "defaults": {"training": {"tokens": 1024, "batch_size": 256}},
+                "variants": [{"name": "cc", "coder": CROSSCODER}],
+                "lr_sweep": {"lrs": [1e-3, 3e-3], "tokens": 512, "extend_at_edges": extend},
+            }
+        )
+        variants = variant_manifests(experiment, tmp_path, "edge.yaml")
+        return stage._lr_sweep(experiment, lr_sweep_runs(experiment, variants, "e"), None)["cc"]
+
+    found = sweep(extend=4)
+    tried = [p["lr"] for p in found["points"]]
+    assert tried == pytest.approx([1e-3 / 27, 1e-3 / 9, 1e-3 / 3, 1e-3, 3e-3])
+    assert found["chosen_lr"] == pytest.approx(1e-3 / 9) and not found["at_edge"]
+    capped = sweep(extend=1)
+    assert capped["chosen_lr"] == pytest.approx(1e-3 / 3) and capped["at_edge"]
+    assert not sweep(extend=0)["points"][0]["lr"] < 1e-3
 
 
 def test_protocol_plans_every_run_and_counts_the_cost(tmp_path):
