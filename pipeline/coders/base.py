@@ -358,7 +358,7 @@ class SparseCoder(Coder):
         loss = recon + lam * sparsity
         dead = self.dead_latents()
         auxk = recon.new_zeros(())
-        if c.auxk_coefficient > 0 and bool(dead.any()):
+        if c.auxk_coefficient > 0:  # a constant: no host sync; the term is 0 with none dead
             residual = (x - x_hat).detach()
             # AuxK's codes are a TopK (+ ReLU) of pre: sparse decode is exact for any activation
             decode = partial(dec.decode_sparse, max_active=c.resolved_auxk_k * c.n_groups)
