@@ -330,6 +330,8 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             validation_fraction=spec.validation_fraction,
             resident_max_bytes=manifest.run.resident_max_bytes,
             verbose=dist is None or dist.is_main,
+            decode=manifest.run.decode,
+            share=None if dist is None else dist.share,
         )
         held_out = validation_sample(
             store,

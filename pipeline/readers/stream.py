@@ -35,6 +35,7 @@ class StreamReader(Reader):
         seed: int,
         device: torch.device,
         window_rows: int,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.decoder = decoder
         self.normaliser = normaliser
@@ -42,6 +43,7 @@ class StreamReader(Reader):
         self.seed = seed
         self.device = device
         self.window_rows = max(1, window_rows)
+        self.share = share
         self.prefetcher = ThreadPoolExecutor(max_workers=1)
         self._ahead: dict[tuple[int, tuple[int, ...]], Future] = {}
 
@@ -68,6 +70,7 @@ class StreamReader(Reader):
 
     def _decode(self, chunks: tuple[int, ...]) -> torch.Tensor:
         on_cpu = self.device.type == "cpu"
+        self.rows_read += self.decoder.n_rows(list(chunks))
         return self.decoder.decode(list(chunks), self.normaliser if on_cpu else None)
 
     def _submit(self, epoch: int, chunks: tuple[int, ...]) -> Future:
@@ -79,7 +82,7 @@ class StreamReader(Reader):
     def _ready(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return batch  # normalised while decoding
-        pin = self.device.type == "cuda"
+        pin = self.device.type == "cuda" and batch.device.type == "cpu"  # gpu decode: there
         if pin:
             batch = batch.pin_memory()
         return self.normaliser.apply(batch.to(self.device, non_blocking=pin))
@@ -106,13 +109,17 @@ class StreamReader(Reader):
             n_carried = buffer.shape[0] - size
             shuffled = torch.randperm(size, generator=seeded_generator(self.seed, epoch, index + 1))
             order = torch.cat([torch.arange(n_carried), shuffled[to_skip:] + n_carried])
+            order = order.to(buffer.device)  # gpu decode: the window is on the device
             to_skip = 0
             whole = order.shape[0] // self.batch_size * self.batch_size
             for start in range(0, whole, self.batch_size):
-                yield self._ready(buffer.index_select(0, order[start : start + self.batch_size]))
-            pending = buffer.index_select(0, order[whole:]) if whole < order.shape[0] else None
+                rows = self.mine(order[start : start + self.batch_size])
+                yield self._ready(buffer.index_select(0, rows))
+            rest = order[whole:]
+            pending = buffer.index_select(0, rest) if rest.numel() else None
         if pending is not None:
-            yield self._ready(pending)
+            rows = self.mine(torch.arange(pending.shape[0], device=pending.device))
+            yield self._ready(pending.index_select(0, rows))
 
     def describe(self) -> dict:
         return {"window_rows": self.window_rows}
