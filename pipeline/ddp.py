@@ -127,6 +127,7 @@ class DistributedContext:
             )
         for tensor in coder.state_dict().values():
             dist.broadcast(tensor, src=0)
+        coder.forget_firing_bound()
 
     def training_loss(
         self, coder: SparseCoder, batch: Tensor, step: int, total_steps: int

@@ -1,6 +1,8 @@
-"""The training step never asks the device a question (no host sync), and the AuxK term it
-now always computes leaves the loss and the gradients as they were: zero with no latent
-dead, the reference AuxK with some dead."""
+"""The training step never asks the device a question (no host sync): whether AuxK runs is
+decided on the host from a bound on the dead-latent counters, and the loss and gradients
+are as they were when ``dead.any()`` was read every step: no AuxK term with no latent dead
+(skipped, or computed and exactly zero once the bound has passed the window), the
+reference AuxK with some dead."""
 
 from __future__ import annotations
 
@@ -46,13 +48,16 @@ def reference_loss(coder, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("activation", ["topk", "relu"])
-@pytest.mark.parametrize("dead", [False, True], ids=["none-dead", "some-dead"])
-def test_loss_and_gradients_as_before(activation, dead):
+@pytest.mark.parametrize("state", ["fresh", "past-window", "some-dead"])
+def test_loss_and_gradients_as_before(activation, state):
     torch.manual_seed(0)
     coder = make(activation)
     x = batch()
+    dead = state == "some-dead"
     if dead:
         coder.tokens_since_fired[::3] = 1000  # a third of the latents dead
+    if state == "past-window":  # AuxK computed over no dead latent: exactly zero
+        coder._since_fired_bound = 10**9
     assert bool(coder.dead_latents().any()) == dead
     expected = reference_loss(coder, x)
     out = coder.training_loss(x, 3, 10)
@@ -82,6 +87,7 @@ def test_training_step_never_reads_a_tensor_on_the_host(monkeypatch, activation)
     coder = make(activation)
     coder.tokens_since_fired[::3] = 1000
     x = batch(2)
+    coder.training_loss(x, 0, 10)  # the first step reads the counters' maximum, once
 
     def refuse(*_args, **_kwargs):
         raise AssertionError("host sync in the training step")
@@ -91,3 +97,19 @@ def test_training_step_never_reads_a_tensor_on_the_host(monkeypatch, activation)
     monkeypatch.setattr(torch.Tensor, "__float__", refuse)
     out = coder.training_loss(x, 3, 10)
     out.loss.backward()
+
+
+def test_the_host_bound_never_misses_a_dead_latent():
+    """Over a run whose latents die and revive, AuxK runs on every step with a dead latent
+    (the bound is an upper bound) and the bound follows loading."""
+    coder = make("topk", dead_after_tokens=96)
+    x = batch(3)
+    for step in range(12):
+        dead = bool(coder.dead_latents().any())
+        assert coder.may_have_dead() or not dead
+        coder.training_loss(x if step % 5 else -x, step, 12)
+    assert coder.may_have_dead()  # 12 x 32 rows recorded: past the 96-token window
+    fresh = make("topk", dead_after_tokens=96)
+    assert not fresh.may_have_dead()
+    fresh.load_state_dict(coder.state_dict())
+    assert fresh.may_have_dead() == bool(coder.tokens_since_fired.max() >= 96)

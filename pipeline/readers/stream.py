@@ -15,16 +15,18 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 
 import torch
 
-from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, seeded_generator
+from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, prefetched, seeded_generator
 
 Window = tuple[int, tuple[int, ...], int]  # index in the epoch, chunks, rows
 
 
 class StreamReader(Reader):
     mode = "stream"
+    gather_ahead = 4  # batches gathered ahead of the consumer (0: in the consumer's thread)
 
     def __init__(
         self,
@@ -45,6 +47,7 @@ class StreamReader(Reader):
         self.window_rows = max(1, window_rows)
         self.share = share
         self.prefetcher = ThreadPoolExecutor(max_workers=1)
+        self.gatherers = ThreadPoolExecutor(max_workers=1)
         self._ahead: dict[tuple[int, tuple[int, ...]], Future] = {}
 
     def windows(self, epoch: int) -> list[Window]:
@@ -79,13 +82,18 @@ class StreamReader(Reader):
             self._ahead[key] = self.prefetcher.submit(self._decode, chunks)
         return self._ahead[key]
 
-    def _ready(self, batch: torch.Tensor) -> torch.Tensor:
+    def _gather(self, buffer: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """A batch's rows of the window; staged in pinned memory for a CUDA consumer."""
+        batch = buffer.index_select(0, rows)
+        if self.device.type == "cuda" and batch.device.type == "cpu":  # gpu decode: there
+            batch = batch.pin_memory()
+        return batch
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cpu":
             return batch  # normalised while decoding
-        pin = self.device.type == "cuda" and batch.device.type == "cpu"  # gpu decode: there
-        if pin:
-            batch = batch.pin_memory()
-        return self.normaliser.apply(batch.to(self.device, non_blocking=pin))
+        on_device = batch.to(self.device, non_blocking=batch.is_pinned())
+        return self.normaliser.apply(on_device)
 
     def epoch(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]:
         windows = self.windows(epoch)
@@ -112,14 +120,21 @@ class StreamReader(Reader):
             order = order.to(buffer.device)  # gpu decode: the window is on the device
             to_skip = 0
             whole = order.shape[0] // self.batch_size * self.batch_size
-            for start in range(0, whole, self.batch_size):
-                rows = self.mine(order[start : start + self.batch_size])
-                yield self._ready(buffer.index_select(0, rows))
+            gathers = (
+                partial(self._gather, buffer, self.mine(order[start : start + self.batch_size]))
+                for start in range(0, whole, self.batch_size)
+            )
+            if self.gather_ahead:  # gathered (and pinned) in threads while the step runs
+                gathers = prefetched(self.gatherers, gathers, self.gather_ahead)
+            else:
+                gathers = (gather() for gather in gathers)
+            for batch in gathers:
+                yield self._to_device(batch)
             rest = order[whole:]
             pending = buffer.index_select(0, rest) if rest.numel() else None
         if pending is not None:
             rows = self.mine(torch.arange(pending.shape[0], device=pending.device))
-            yield self._ready(pending.index_select(0, rows))
+            yield self._to_device(self._gather(pending, rows))
 
     def describe(self) -> dict:
         return {"window_rows": self.window_rows}
@@ -129,3 +144,4 @@ class StreamReader(Reader):
             future.cancel()
         self._ahead.clear()
         self.prefetcher.shutdown(wait=False)
+        self.gatherers.shutdown(wait=False)
