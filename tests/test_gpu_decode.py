@@ -4,6 +4,7 @@ read with numcodecs standing in for nvCOMP, and every refusal is one line naming
 
 from __future__ import annotations
 
+import itertools
 import subprocess
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def test_unshuffle_inverts_numcodecs_shuffle(itemsize):
     shuffled = np.stack([np.frombuffer(Shuffle(itemsize).encode(r), np.uint8) for r in raw])
     back = gpu_decode.unshuffle(torch.from_numpy(shuffled.copy()), itemsize)
     np.testing.assert_array_equal(back.numpy(), raw)
+
+
+def test_frames_are_packed_aligned_for_nvcomp():
+    frames = [bytes([i]) * size for i, size in enumerate((5, 16, 1, 33))]
+    bounds, total = gpu_decode.frame_bounds([len(f) for f in frames])
+    assert all(start % gpu_decode.ALIGN == 0 for start, _ in bounds)
+    assert all(stop <= nxt for (_, stop), (nxt, _) in itertools.pairwise(bounds))
+    staging = np.zeros(total, dtype=np.uint8)
+    gpu_decode.pack_frames(frames, bounds, staging)
+    assert [staging[a:b].tobytes() for a, b in bounds] == frames
 
 
 @pytest.mark.parametrize("normalised", [False, True], ids=["stored", "normalised"])

@@ -220,3 +220,17 @@ def test_stream_look_ahead_serves_the_same_next_epoch(store):
     assert ahead.reader._ahead  # epoch 1's first window was submitted during epoch 0
     for a, b in zip(ahead.epoch(1), fresh.epoch(1), strict=True):
         assert torch.equal(a, b)
+
+
+def test_stream_gathering_ahead_serves_the_same_batches(store):
+    """The CUDA default (batches gathered in a thread ahead of the step) changes nothing."""
+    common = {"batch_size": 96, "mode": "stream", "buffer_chunks": 2, "seed": 4}
+    inline, ahead = ActivationLoader(store, **common), ActivationLoader(store, **common)
+    ahead.reader.gather_ahead = 4
+    assert inline.reader.gather_ahead == 0
+    for epoch in (0, 1):
+        got = list(ahead.epoch(epoch, skip_batches=epoch))
+        want = list(inline.epoch(epoch, skip_batches=epoch))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)

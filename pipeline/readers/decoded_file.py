@@ -88,7 +88,8 @@ def build(file: DecodedFile, decoder: ChunkDecoder, split: str) -> None:
         for chunk in range(decoder.store.n_chunks):
             if not len(decoder.chunk_rows[chunk]):
                 continue
-            values = np.ascontiguousarray(to_storage_numpy(decoder.decode([chunk], None)))
+            decoded = decoder.decode([chunk], None).cpu()  # decode: gpu gives device tensors
+            values = np.ascontiguousarray(to_storage_numpy(decoded))
             out[offset : offset + values.shape[0]] = values
             value = crc32c.crc32c(values, value=value)
             offset += values.shape[0]

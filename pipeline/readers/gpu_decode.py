@@ -21,7 +21,6 @@ in the CPU tests, which check everything around it bit for bit against zarr's ow
 
 from __future__ import annotations
 
-import itertools
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,7 @@ from pipeline.store_format import TORCH_STORAGE
 
 NVCOMP_PIN = "nvidia-nvcomp-cu12==5.1.0.21"  # bench/gpu_loader.sh installs the same
 EMPTY = np.iinfo(np.uint64).max  # a shard index entry of a frame never written
+ALIGN = 16  # bytes: each frame's start in the device buffer handed to nvCOMP
 FrameDecoder = Callable[[list[bytes], int], torch.Tensor]
 
 
@@ -98,6 +98,21 @@ class CpuFrames:
         return torch.from_numpy(out).to(self.device)
 
 
+def frame_bounds(sizes: list[int]) -> tuple[list[tuple[int, int]], int]:
+    """Each frame's ``(start, stop)`` in one staging buffer, starts ``ALIGN``-aligned
+    (nvCOMP's zstd wants 8-byte aligned inputs), and the buffer's size."""
+    bounds, start = [], 0
+    for size in sizes:
+        bounds.append((start, start + size))
+        start += -(-size // ALIGN) * ALIGN
+    return bounds, start
+
+
+def pack_frames(frames: list[bytes], bounds: list[tuple[int, int]], staging: np.ndarray) -> None:
+    for frame, (start, stop) in zip(frames, bounds, strict=True):
+        staging[start:stop] = np.frombuffer(frame, dtype=np.uint8)
+
+
 class NvcompFrames:
     """Frames decompressed by nvCOMP's batched zstd on ``device``, one call per window.
 
@@ -127,13 +142,9 @@ class NvcompFrames:
         from nvidia import nvcomp
 
         codec, stream = self._codec()
-        sizes = np.array([len(f) for f in frames], dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(sizes)])
-        host = torch.empty(int(offsets[-1]), dtype=torch.uint8, pin_memory=True)
-        staging = host.numpy()
-        bounds = list(itertools.pairwise(offsets.tolist()))
-        for frame, (start, stop) in zip(frames, bounds, strict=True):
-            staging[start:stop] = np.frombuffer(frame, dtype=np.uint8)
+        bounds, total = frame_bounds([len(f) for f in frames])
+        host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        pack_frames(frames, bounds, host.numpy())
         out = torch.empty(len(frames), frame_bytes, dtype=torch.uint8, device=self.device)
         with torch.cuda.stream(stream):
             packed = host.to(self.device, non_blocking=True)
