@@ -209,3 +209,52 @@ def test_storage_layout_bench_runs_on_the_cpu(tmp_path):
     assert figures["tokens"] == 2 * 384
     assert figures["zstd-gpu_bytes"] > 0 and figures["zstd_gpu_bytes_vs_zstd"] > 0.5
     assert figures["zstd-gpu_cpu_decode_rows_per_s"] > 0
+
+
+def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
+    """bench/train.py --gpu-decode end to end, numcodecs standing in for nvCOMP: the GPU
+    session's minutes go to measuring, not to finding a wiring mistake."""
+    import json
+    import os
+    import sys
+
+    import yaml
+
+    manifest = tmp_path / "tiny-gpu.yaml"
+    manifest.write_text(
+        yaml.safe_dump({**MANIFEST, "storage": {"chunk_tokens": 384, "codec": "zstd-gpu"}})
+    )
+    out = tmp_path / "train.json"
+    args = ["--harvest", str(manifest), "--device", "cpu", "--gpu-decode", "--out", str(out)]
+    args += ["--latents", "64", "--k", "4", "--batch", "64", "--steps", "2", "--rounds", "1"]
+    args += ["--quality-batches", "2"]
+    wrapper = tmp_path / "run.py"
+    wrapper.write_text(
+        "import runpy, sys\n"
+        "sys.path.insert(0, 'bench')\n"
+        "from pipeline.readers import gpu_decode\n"
+        "gpu_decode.frame_decoder_for = lambda device: gpu_decode.CpuFrames(device)\n"
+        f"sys.argv = ['bench/train.py', *{args!r}]\n"
+        "runpy.run_path('bench/train.py', run_name='__main__')\n"
+    )
+    env = {
+        **os.environ,
+        "FMX_CACHE_DIR": str(tmp_path / "cache"),
+        "FMX_DECODED_DIR": str(tmp_path / "decoded"),
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, str(wrapper)], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    for key in (
+        "gpu_decode_vs_cpu_decode",
+        "stream_gpu_decode_vs_stream",
+        "stream_gpu_decode_vs_decode_only",
+        "crosscoder_stream_gpu_decode_vs_device",
+        "fmxcoder_stream_gpu_decode_vs_device",
+        "stream_gpu_decode_shuffle_quality",
+    ):
+        assert figures[key] > 0, key

@@ -145,11 +145,15 @@ class NvcompFrames:
         bounds, total = frame_bounds([len(f) for f in frames])
         host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
         pack_frames(frames, bounds, host.numpy())
+        # allocated on the consumer's stream (freed there later); the decode stream waits
+        # for the work already queued there, which may still use this memory's last owner
         out = torch.empty(len(frames), frame_bytes, dtype=torch.uint8, device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             packed = host.to(self.device, non_blocking=True)
             inputs = nvcomp.as_arrays([packed[a:b] for a, b in bounds])
-            for i, array in enumerate(codec.decode(inputs)):
+            outputs = codec.decode(inputs)  # kept alive until the stream is done with them
+            for i, array in enumerate(outputs):
                 values = torch.as_tensor(array, device=self.device).view(torch.uint8).view(-1)
                 if values.numel() != frame_bytes:
                     raise GpuDecodeError(
@@ -157,6 +161,7 @@ class NvcompFrames:
                     )
                 out[i].copy_(values)
         stream.synchronize()
+        del outputs, inputs, packed, host
         return out
 
 
