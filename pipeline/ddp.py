@@ -6,9 +6,10 @@ tensors, NCCL for CUDA ones). Every rank builds the same loader, so the global b
 ``rows(batch)`` of each global batch and weights its loss by its share of the rows, so the
 sum of the ranks' gradients is the gradient of the global-batch mean. The loader, given
 ``share = (rank, world)``, gathers only those rows (the resident and memmap modes read
-1/world of the rows each; the stream mode still decodes every chunk of a window, since a
-shuffled window spreads each rank's rows over all of its chunks); ``plan`` tells the
-context each step's global batch size. Gradients are summed
+1/world of the rows each, and one rank decodes the memmap file while the others wait on
+its lock; the stream mode still decodes every chunk of a window, since a shuffled window
+spreads each rank's rows over all of its chunks); ``check_batches`` tells the context each
+step's global batch size. Gradients are summed
 by hand in one flat all-reduce instead of DistributedDataParallel: the coders are trained
 through ``training_loss``, not ``forward``, and their batch-level state needs collectives of
 its own. Rank 0 alone writes checkpoints, logs and the final coder (pipeline/trainer.py).

@@ -234,3 +234,32 @@ def test_stream_gathering_ahead_serves_the_same_batches(store):
         assert len(got) == len(want)
         for a, b in zip(got, want, strict=True):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_concurrent_memmap_loaders_decode_the_split_once(store, decoded_dir):
+    """Two loaders (torchrun ranks) wanting the same decoded file: one builds it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.readers import decoded_file
+
+    built = []
+    original = decoded_file.build
+
+    def counting_build(*args):
+        built.append(1)
+        original(*args)
+
+    decoded_file.build = counting_build
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            loaders = list(
+                pool.map(
+                    lambda r: ActivationLoader(store, batch_size=64, mode="memmap", share=(r, 2)),
+                    range(2),
+                )
+            )
+    finally:
+        decoded_file.build = original
+    assert len(built) == 1
+    assert sorted(loader.reader.built for loader in loaders) == [False, True]
+    assert not list(decoded_dir.rglob("*.lock"))
