@@ -6,7 +6,10 @@
 2. shuffle quality: distinct documents per batch, against the expectation for a perfect
    shuffle (stream's window, and the old 4-chunk window for comparison);
 3. training steps/s fed by each mode vs fed by batches already on the device, for the
-   dense crosscoder and the fmxcoder (target >= 0.95: the loader never starves the device).
+   dense crosscoder and the fmxcoder (target >= 0.95: the loader never starves the device);
+4. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
+   nvCOMP decode-only rate against zarr's on the CPU, the stream mode on ``decode: gpu``
+   against the stream mode, and its step ratios (bench/gpu_loader.sh runs this).
 
 Ratios, not absolute speeds: the machine may be shared (load averages are recorded).
 
@@ -41,6 +44,7 @@ def decode_only_rows_per_second(loader: ActivationLoader) -> float:
     chunks = [c for c in range(loader.store.n_chunks) if len(loader.decoder.chunk_rows[c])]
     started = time.perf_counter()
     rows = sum(loader.decoder.decode([chunk], None).shape[0] for chunk in chunks)
+    sync(loader.device)  # decode: gpu queues its last steps on the device
     return rows / (time.perf_counter() - started)
 
 
@@ -149,6 +153,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--quality-batches", type=int, default=20)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--gpu-decode", action="store_true", help="also the stream mode on decode: gpu"
+    )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
 
@@ -199,6 +206,15 @@ def main() -> None:
     # stream: a fresh loader per sample, two epochs timed together, so its look-ahead decode
     # overlaps only its own consumption (never the other measurements)
     measures["stream"] = lambda _: fresh_stream_rows_per_second(lambda: loader("stream"), 2)
+    extra_modes: tuple[str, ...] = ()
+    if args.gpu_decode:
+        loaders["stream_gpu_decode"] = loader("stream", decode="gpu")
+        gpu_stream = loaders["stream_gpu_decode"]
+        measures["gpu_decode_only"] = lambda _: decode_only_rows_per_second(gpu_stream)
+        measures["stream_gpu_decode"] = lambda _: fresh_stream_rows_per_second(
+            lambda: loader("stream", decode="gpu"), 2
+        )
+        extra_modes = ("stream_gpu_decode",)
     samples: dict[str, list[float]] = {}
     for round_ in range(args.rounds):  # interleaved, medians: a shared machine drifts
         for name, measure in measures.items():
@@ -206,9 +222,12 @@ def main() -> None:
     rate = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in rate.items():
         figures[f"{name}_rows_per_s"] = value
-    for mode in MODES:
+    for mode in MODES + extra_modes:
         figures[f"{mode}_vs_decode_only"] = rate[mode] / rate["decode_only"]
         figures[f"{mode}_vs_raw"] = rate[mode] / rate["raw_memmap_sequential"]
+    if args.gpu_decode:
+        figures["gpu_decode_vs_cpu_decode"] = rate["gpu_decode_only"] / rate["decode_only"]
+        figures["stream_gpu_decode_vs_stream"] = rate["stream_gpu_decode"] / rate["stream"]
 
     keys = row_documents(store, stream)
     perfect = perfect_shuffle_documents(keys, args.batch)
@@ -246,7 +265,7 @@ def main() -> None:
     for coder_name in ("crosscoder", "fmxcoder"):
         on_device = median[f"{coder_name}_device"]
         figures[f"{coder_name}_steps_per_s_from_device"] = on_device
-        for mode in MODES:
+        for mode in MODES + extra_modes:
             figures[f"{coder_name}_{mode}_vs_device"] = median[f"{coder_name}_{mode}"] / on_device
     figures |= {
         "stream_vs_decode_only": figures["stream_vs_decode_only"],

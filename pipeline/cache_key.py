@@ -3,7 +3,8 @@
 In: model identity (package version / file hash / hub revision) and dtype, text identity
 (package version or content hashes, dataset config, token column, document cap),
 tokenisation, hooks, storage dtype, and the store format version. Out: anything cosmetic
-(paths, streaming, batch size, device, progress, chunking, codec). Defaults are filled in
+(paths, streaming, batch size, device, progress, chunking, codec settings other than the
+zstd-gpu layout). Defaults are filled in
 by validation before hashing, so writing a default out or omitting it gives the same key.
 """
 
@@ -26,6 +27,16 @@ def canonical_json(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
+def storage_material(manifest: HarvestManifest) -> dict:
+    """The storage dtype, plus the zstd-gpu layout when chosen (``decode: gpu`` needs that
+    layout, so a store of the default layout must not answer for it); other codec settings
+    are cosmetic and absent, so every earlier key stays valid."""
+    material: dict = {"storage_dtype": manifest.storage.dtype}
+    if manifest.storage.codec == "zstd-gpu":
+        material["storage_layout"] = "zstd-gpu"
+    return material
+
+
 def key_material(manifest: HarvestManifest) -> dict:
     """The canonical description that the key hashes; stored with the cache for audit."""
     if manifest.model.source == "planted":  # no model, no text: the spec is the identity
@@ -34,7 +45,7 @@ def key_material(manifest: HarvestManifest) -> dict:
             "model": {"source": "planted", "planted": manifest.model.planted_spec.model_dump()},
             "tokenization": manifest.tokenization.model_dump(),
             "hooks": manifest.hooks.model_dump(),
-            "storage_dtype": manifest.storage.dtype,
+            **storage_material(manifest),
         }
     model = manifest.model.model_dump(exclude={"path", "planted"})
     if manifest.model.source == "gguf":
@@ -51,7 +62,7 @@ def key_material(manifest: HarvestManifest) -> dict:
         "text": {**text, "identity": source_identity(manifest.text)},
         "tokenization": manifest.tokenization.model_dump(),
         "hooks": manifest.hooks.model_dump(),
-        "storage_dtype": manifest.storage.dtype,
+        **storage_material(manifest),
     }
 
 

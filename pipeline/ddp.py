@@ -2,9 +2,14 @@
 
 Launch: ``torchrun --nproc-per-node N $(which pipeline) train m.yaml`` (gloo for CPU
 tensors, NCCL for CUDA ones). Every rank builds the same loader, so the global batch order
-(a function of seed and epoch) is the same everywhere; rank ``r`` keeps the contiguous rows
+(a function of seed and epoch) is the same everywhere; rank ``r`` owns the contiguous rows
 ``rows(batch)`` of each global batch and weights its loss by its share of the rows, so the
-sum of the ranks' gradients is the gradient of the global-batch mean. Gradients are summed
+sum of the ranks' gradients is the gradient of the global-batch mean. The loader, given
+``share = (rank, world)``, gathers only those rows (the resident and memmap modes read
+1/world of the rows each, and one rank decodes the memmap file while the others wait on
+its lock; the stream mode still decodes every chunk of a window, since a shuffled window
+spreads each rank's rows over all of its chunks); ``check_batches`` tells the context each
+step's global batch size. Gradients are summed
 by hand in one flat all-reduce instead of DistributedDataParallel: the coders are trained
 through ``training_loss``, not ``forward``, and their batch-level state needs collectives of
 its own. Rank 0 alone writes checkpoints, logs and the final coder (pipeline/trainer.py).
@@ -38,6 +43,7 @@ from torch import Tensor
 
 from pipeline.coders.activations import BatchTopK, pool_groups, unpool_groups
 from pipeline.coders.base import LossOutput, SparseCoder
+from pipeline.readers.base import rank_rows
 
 
 def init_from_env() -> DistributedContext | None:
@@ -61,13 +67,15 @@ def _destroy() -> None:
         dist.destroy_process_group()
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistributedContext:
     """This process's place in the group, and the collectives one training step needs."""
 
     rank: int
     world: int
     local_rank: int
+    n_tokens: int | None = None  # the training split and batch size, once ``check_batches``
+    batch_size: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -75,7 +83,20 @@ class DistributedContext:
 
     def rows(self, batch: int) -> slice:
         """This rank's contiguous rows of a global batch (sizes differ by at most one)."""
-        return slice(self.rank * batch // self.world, (self.rank + 1) * batch // self.world)
+        return rank_rows(batch, self.rank, self.world)
+
+    @property
+    def share(self) -> tuple[int, int]:
+        """What the loader needs to gather only this rank's rows."""
+        return self.rank, self.world
+
+    def global_rows(self, step: int) -> int | None:
+        """Rows of step ``step``'s global batch (the last of an epoch is short); None
+        before ``check_batches`` has told the split."""
+        if self.n_tokens is None or self.batch_size is None:
+            return None
+        per_epoch = -(-self.n_tokens // self.batch_size)
+        return min(self.batch_size, self.n_tokens - step % per_epoch * self.batch_size)
 
     def device(self, device: torch.device) -> torch.device:
         """Each CUDA rank owns the GPU ``LOCAL_RANK`` of its node; CPU ranks share the CPU."""
@@ -85,7 +106,9 @@ class DistributedContext:
         return torch.device("cuda", self.local_rank)
 
     def check_batches(self, n_tokens: int, batch_size: int) -> None:
-        """Every global batch (the last of an epoch too) must give each rank a row."""
+        """Every global batch (the last of an epoch too) must give each rank a row; the
+        split is remembered for ``global_rows``."""
+        self.n_tokens, self.batch_size = n_tokens, batch_size
         smallest = min(batch_size, n_tokens % batch_size or batch_size)
         if smallest < self.world:
             raise ValueError(
@@ -105,18 +128,30 @@ class DistributedContext:
             )
         for tensor in coder.state_dict().values():
             dist.broadcast(tensor, src=0)
+        coder.forget_firing_bound()
 
     def training_loss(
         self, coder: SparseCoder, batch: Tensor, step: int, total_steps: int
     ) -> LossOutput:
         """This rank's part of the global-batch loss (weighted by its share of the rows);
-        the logged terms are averaged over ranks."""
+        the logged terms are averaged over ranks. ``batch`` is the global batch, or this
+        rank's rows of it (a loader with ``share``): told apart by ``global_rows(step)``."""
         if not isinstance(coder, SparseCoder):
             raise TypeError(f"distributed training needs a SparseCoder, not {type(coder)}")
-        rows = self.rows(batch.shape[0])
-        share = (rows.stop - rows.start) / batch.shape[0]
-        with _global_batch_state(coder, batch, rows, self.world):
-            out = coder.training_loss(batch[rows], step, total_steps)
+        global_rows = self.global_rows(step) or batch.shape[0]
+        rows = self.rows(global_rows)
+        if batch.shape[0] == global_rows:
+            local = batch[rows]
+        elif batch.shape[0] == rows.stop - rows.start:
+            local = batch
+        else:
+            raise ValueError(
+                f"step {step}: a batch of {batch.shape[0]} rows is neither the global batch "
+                f"({global_rows}) nor rank {self.rank}'s {rows.stop - rows.start} rows of it"
+            )
+        share = local.shape[0] / global_rows
+        with _global_batch_state(coder, global_rows, rows, self.world):
+            out = coder.training_loss(local, step, total_steps)
         values = torch.stack([t.double().reshape(()) for t in out.terms.values()]) * share
         dist.all_reduce(values)  # stays on the device: floats only on the steps that log
         terms = dict(zip(out.terms, values.unbind(), strict=True))
@@ -139,17 +174,20 @@ class DistributedContext:
 
 @contextmanager
 def _global_batch_state(
-    coder: SparseCoder, batch: Tensor, rows: slice, world: int
+    coder: SparseCoder, global_rows: int, rows: slice, world: int
 ) -> Iterator[None]:
     """For one step, shadow the coder's batch-level methods with global-batch versions.
 
     Instance attributes shadow the class's methods and are removed afterwards, so the coder
     (and its checkpoints) are untouched outside a distributed step."""
-    global_rows = batch.shape[0]
     coder_cls = type(coder)
 
     def training_input(x: Tensor, step: int, generator: torch.Generator | None):
-        x_in, token_mask = coder_cls._training_input(coder, batch, step, generator)
+        # the masks are drawn for the whole global batch (one draw per row, as in one
+        # process); only this rank's rows hold data, the others are never used
+        padded = x.new_zeros(global_rows, *x.shape[1:])
+        padded[rows] = x
+        x_in, token_mask = coder_cls._training_input(coder, padded, step, generator)
         return x_in[rows], None if token_mask is None else token_mask[rows]
 
     @torch.no_grad()

@@ -13,6 +13,10 @@ pipeline/readers/:
 ``auto`` picks resident when the split fits the resident budget (a share of the device's
 free memory, or ``resident_max_bytes``), else memmap when the disk allows, else stream;
 ``describe()`` says which and why (stages/train.py records it).
+
+``decode: gpu`` decompresses a zstd-gpu store's chunks with nvCOMP on the device
+(pipeline/readers/gpu_decode.py). ``share = (rank, world)`` (torchrun) yields only that
+rank's rows of each global batch, and gathers only those (pipeline/ddp.py).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pipeline.readers import (
     StreamReader,
     choose_mode,
     decoded_file,
+    gpu_decode,
 )
 from pipeline.readers.budget import resident_budget, stream_window_rows
 from pipeline.store import ActivationStore
@@ -117,6 +122,8 @@ class ActivationLoader:
         verbose: bool = False,
         validation_fraction: float = 0.0,
         outlier_ratio: float | None = None,
+        decode: str = "cpu",
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -135,7 +142,9 @@ class ActivationLoader:
             raise ValueError(f"split '{split}' of store {store.key} has no tokens")
         self.normaliser = Normaliser.from_store(store, self.layers, centre, self.outliers)
         self.normaliser = self.normaliser.to(self.device)
-        self.decoder = ChunkDecoder(store, self.layers, self.rows, workers)
+        self.decode = decode
+        self.share = share
+        self.decoder = self._decoder(decode, workers)
         self.row_bytes = len(self.layers) * store.d_model * 2
         if resident_max_bytes is None and mode == "auto":
             resident_max_bytes = resident_budget(self.device)
@@ -154,8 +163,26 @@ class ActivationLoader:
                 print(f"loader: excluded {self.outliers.summary()}")
         self.reader = self._reader(workers, window_bytes, buffer_chunks)
 
+    def _decoder(self, decode: str, workers: int) -> ChunkDecoder:
+        """``cpu``: zarr on the host; ``gpu``: nvCOMP on the device (zstd-gpu stores only;
+        checked here, before any work, with a one-line error)."""
+        if decode == "cpu":
+            return ChunkDecoder(self.store, self.layers, self.rows, workers)
+        if decode != "gpu":
+            raise ValueError(f"decode must be cpu or gpu, not {decode!r}")
+        gpu_decode.require_gpu_layout(self.store)
+        frames = gpu_decode.frame_decoder_for(self.device)
+        return gpu_decode.GpuChunkDecoder(
+            self.store, self.layers, self.rows, workers, device=self.device, frames=frames
+        )
+
     def _reader(self, workers: int, window_bytes: int | None, buffer_chunks: int | None) -> Reader:
-        common = {"batch_size": self.batch_size, "seed": self.seed, "device": self.device}
+        common = {
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "device": self.device,
+            "share": self.share,
+        }
         if self.mode == "resident":
             return ResidentReader(self.decoder, self.normaliser, **common)
         if self.mode == "memmap":
@@ -164,6 +191,8 @@ class ActivationLoader:
             )
         # a CPU consumer holds the window as normalised float32: twice the bf16 bytes
         buffer_row = self.row_bytes * (2 if self.device.type == "cpu" else 1)
+        if window_bytes is None and self.decode == "gpu":  # windows live on the device
+            window_bytes = resident_budget(self.device) // 4
         window = stream_window_rows(buffer_row, window_bytes)
         if buffer_chunks is not None:  # a window of that many whole chunks
             window = buffer_chunks * self.store.chunk_tokens
@@ -187,6 +216,7 @@ class ActivationLoader:
         return {
             "mode": self.mode,
             "reason": self.choice.reason,
+            "decode": self.decode,
             **excluded,
             **self.reader.describe(),
         }

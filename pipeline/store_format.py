@@ -26,18 +26,46 @@ NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.flo
 TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+# zstd-gpu: frames at most this big. On SmolLM2 (bench/storage_layout.py, cpu-large store):
+# 147 KB frames cost 12.7% more bytes than one frame per chunk and 0.38x its CPU decode rate
+# (zarr's per-frame overhead); 590 KB frames 2.6% and 0.69x (bench/results/
+# storage_layout-cpu.json), and still give nvCOMP 32 frames per 16384-row chunk and layer.
+GPU_FRAME_BYTES = 1 << 20
+
+
+def gpu_frame_rows(chunk_tokens: int, row_bytes: int) -> int:
+    """Rows per zstd-gpu frame: the largest divisor of ``chunk_tokens`` (a shard must hold
+    whole frames) whose frame fits ``GPU_FRAME_BYTES`` (512 rows = 590 KB at d=576 bf16)."""
+    limit = max(1, GPU_FRAME_BYTES // row_bytes)
+    return max(r for r in range(1, min(limit, chunk_tokens) + 1) if chunk_tokens % r == 0)
+
+
 def codecs(spec: StorageSpec, itemsize: int) -> dict:
+    """The codec chain of one chunk (for zstd-gpu: of one frame inside the shard)."""
     from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
     from zarr.codecs.numcodecs import Shuffle
 
     compressors: list = []
-    if spec.codec == "zstd":
+    if spec.codec in ("zstd", "zstd-gpu"):
         if spec.shuffle:
             compressors.append(Shuffle(elementsize=itemsize))
         compressors.append(ZstdCodec(level=spec.level))
     if spec.checksum:
         compressors.append(Crc32cCodec())
     return {"serializer": BytesCodec(), "compressors": compressors}
+
+
+def array_layout(spec: StorageSpec, chunk_tokens: int, d_model: int, itemsize: int) -> dict:
+    """``create_array`` arguments: one chunk per block, or for zstd-gpu one shard per block
+    made of independently compressed frames (same file names, one file per block).
+
+    A shard is always written whole, by one writer: the partial-shard write race (zarr-python
+    #3682) cannot happen."""
+    layout = {"chunks": (chunk_tokens, d_model), **codecs(spec, itemsize)}
+    if spec.codec == "zstd-gpu":
+        rows = gpu_frame_rows(chunk_tokens, d_model * itemsize)
+        layout.update(chunks=(rows, d_model), shards=(chunk_tokens, d_model))
+    return layout
 
 
 def to_storage_numpy(activations: torch.Tensor) -> np.ndarray:

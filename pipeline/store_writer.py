@@ -23,10 +23,10 @@ from pipeline.harvest_manifest import StorageSpec
 from pipeline.paths import StorePaths
 from pipeline.store_format import (
     NUMPY_STORAGE,
+    array_layout,
     atomic_write_bytes,
     atomic_write_json,
     chunk_files,
-    codecs,
     file_checksums,
     record_crc32c,
     safetensors_bytes,
@@ -72,18 +72,20 @@ class StoreWriter:
         for name in hook_names:
             if name in group:
                 array = group[name]
-                if array.shape != (n_tokens, d_model) or array.chunks[0] != self.chunk_tokens:
+                block_rows = (array.shards or array.chunks)[0]
+                if array.shape != (n_tokens, d_model) or block_rows != self.chunk_tokens:
                     raise ValueError(f"{paths.array(name)}: exists with another shape/chunking")
             else:
                 array = group.create_array(
                     name,
                     shape=(n_tokens, d_model),
-                    chunks=(self.chunk_tokens, d_model),
                     dtype=np_dtype,
                     fill_value=0,
                     attributes={"dtype": storage.dtype, "hook": name},
                     config={"write_empty_chunks": True},
-                    **codecs(storage, np.dtype(np_dtype).itemsize),
+                    **array_layout(
+                        storage, self.chunk_tokens, d_model, np.dtype(np_dtype).itemsize
+                    ),
                 )
             self.arrays.append(array)
         paths.blocks.mkdir(parents=True, exist_ok=True)

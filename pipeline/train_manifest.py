@@ -110,6 +110,11 @@ class TrainRunSpec(Strict):
         ge=0,
         description="Cap for auto's resident mode; default half the device's free memory.",
     )
+    decode: Literal["cpu", "gpu"] = Field(
+        "cpu",
+        description="Where chunks are decompressed: cpu (zarr), or gpu (nvCOMP on a CUDA "
+        "device; the store must be harvested with storage: {codec: zstd-gpu}).",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     wandb: WandbSpec | None = Field(
         None, description="Log metrics to Weights & Biases as well (default: off)."

@@ -339,6 +339,8 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             resident_max_bytes=manifest.run.resident_max_bytes,
             verbose=dist is None or dist.is_main,
             outlier_ratio=spec.outlier_norm_ratio,
+            decode=manifest.run.decode,
+            share=None if dist is None else dist.share,
         )
         held_out = validation_sample(
             store,

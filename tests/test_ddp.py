@@ -138,3 +138,65 @@ def test_two_ranks_resume_from_a_checkpoint(reference, ddp_runs, tiny_store, tmp
         assert_same_weights(run_dir, reference[name])
         steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").open()]
         assert steps == [4, 8, 12, 16, 20, 24], "the log is cut back to the checkpoint"
+
+
+@pytest.fixture
+def decoded_dir(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("FMX_DECODED_DIR", str(tmp_path / "decoded"))
+    return tmp_path / "decoded"
+
+
+@pytest.mark.parametrize("mode", ["resident", "memmap", "stream"])
+def test_each_rank_gathers_only_its_rows_of_the_same_global_batches(tiny_store, decoded_dir, mode):
+    """The ranks' batches put together are one process's batches, row for row; resident
+    and memmap gather only their share (stream decodes whole windows on every rank)."""
+    from pipeline.loader import ActivationLoader
+    from pipeline.store import ActivationStore
+
+    store = ActivationStore(tiny_store)
+    common = {"batch_size": 101, "mode": mode, "buffer_chunks": 1, "seed": 2}
+    whole = ActivationLoader(store, **common)
+    ranks = [ActivationLoader(store, **common, share=(r, 2)) for r in range(2)]
+    batches = list(whole.epoch(1, skip_batches=1))
+    parts = [list(rank.epoch(1, skip_batches=1)) for rank in ranks]
+    assert len(batches) == len(parts[0]) == len(parts[1])
+    for batch, *halves in zip(batches, *parts, strict=True):
+        torch.testing.assert_close(torch.cat(halves), batch, rtol=0, atol=0)
+        rows = [DistributedContext(r, 2, r).rows(batch.shape[0]) for r in range(2)]
+        assert [h.shape[0] for h in halves] == [s.stop - s.start for s in rows]
+    read = [rank.reader.rows_read for rank in ranks]
+    if mode == "stream":
+        assert read == [whole.reader.rows_read] * 2
+    else:
+        assert sum(read) == whole.reader.rows_read and max(read) - min(read) <= len(batches)
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo group of one process: the collectives run; a 2-rank context sums only itself."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("coder", [CROSSCODER, {**FMXCODER, "activation": "topk"}])
+def test_a_local_batch_gives_the_global_batch_loss(one_process_group, coder):
+    """Given this rank's rows only (a loader with ``share``), the rank's loss and terms are
+    what it computes from the global batch: masks are drawn for the global batch."""
+    from pipeline.coders import build_coder, coder_config_from_dict
+
+    model = build_coder(coder_config_from_dict({**coder, "n_layers": 4, "d_model": 8}))
+    context = DistributedContext(1, 2, 1)
+    context.check_batches(n_tokens=250, batch_size=101)  # steps of 101, 101, 48 rows
+    for step, size in ((0, 101), (2, 48), (4, 101), (5, 48)):
+        assert context.global_rows(step) == size
+        batch = torch.randn(size, 4, 8, generator=torch.Generator().manual_seed(step))
+        global_out = context.training_loss(model, batch, step, 10)
+        local_out = context.training_loss(model, batch[context.rows(size)], step, 10)
+        torch.testing.assert_close(local_out.loss, global_out.loss, rtol=0, atol=0)
+        for name, term in global_out.terms.items():
+            torch.testing.assert_close(local_out.terms[name], term, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="step 0: a batch of 7 rows is neither"):
+        context.training_loss(model, torch.randn(7, 4, 8), 0, 10)

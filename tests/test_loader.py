@@ -220,3 +220,46 @@ def test_stream_look_ahead_serves_the_same_next_epoch(store):
     assert ahead.reader._ahead  # epoch 1's first window was submitted during epoch 0
     for a, b in zip(ahead.epoch(1), fresh.epoch(1), strict=True):
         assert torch.equal(a, b)
+
+
+def test_stream_gathering_ahead_serves_the_same_batches(store):
+    """The CUDA default (batches gathered in a thread ahead of the step) changes nothing."""
+    common = {"batch_size": 96, "mode": "stream", "buffer_chunks": 2, "seed": 4}
+    inline, ahead = ActivationLoader(store, **common), ActivationLoader(store, **common)
+    ahead.reader.gather_ahead = 4
+    assert inline.reader.gather_ahead == 0
+    for epoch in (0, 1):
+        got = list(ahead.epoch(epoch, skip_batches=epoch))
+        want = list(inline.epoch(epoch, skip_batches=epoch))
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_concurrent_memmap_loaders_decode_the_split_once(store, decoded_dir):
+    """Two loaders (torchrun ranks) wanting the same decoded file: one builds it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.readers import decoded_file
+
+    built = []
+    original = decoded_file.build
+
+    def counting_build(*args):
+        built.append(1)
+        original(*args)
+
+    decoded_file.build = counting_build
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            loaders = list(
+                pool.map(
+                    lambda r: ActivationLoader(store, batch_size=64, mode="memmap", share=(r, 2)),
+                    range(2),
+                )
+            )
+    finally:
+        decoded_file.build = original
+    assert len(built) == 1
+    assert sorted(loader.reader.built for loader in loaders) == [False, True]
+    assert not list(decoded_dir.rglob("*.lock"))

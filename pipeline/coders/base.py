@@ -262,6 +262,7 @@ class SparseCoder(Coder):
         self.b_enc = nn.Parameter(torch.zeros(self.n_latents))
         self.b_dec = nn.Parameter(torch.zeros(self.n_layers, self.d_model))
         self.register_buffer("tokens_since_fired", torch.zeros(self.n_latents, dtype=torch.long))
+        self._since_fired_bound: int | None = None  # host-side bound, see may_have_dead
 
     @abstractmethod
     def encoder_view(self) -> WeightView:
@@ -315,6 +316,26 @@ class SparseCoder(Coder):
         window = self.config.dead_after_tokens or DEAD_AFTER_TOKENS_CAP
         return self.tokens_since_fired >= window
 
+    def may_have_dead(self) -> bool:
+        """False only when no latent can be dead yet: decided on the host, from an upper
+        bound on the counters (the rows recorded since they were last read), so a step
+        never waits for the device. Reading ``dead.any()`` instead synced every step, and
+        computing the (then zero) AuxK term always cost 1.67x the step on CPU (decoding
+        ``auxk_k`` codes per token). The counters are read once after construction,
+        loading or ``forget_firing_bound``."""
+        if self._since_fired_bound is None:
+            self._since_fired_bound = int(self.tokens_since_fired.max())
+        return self._since_fired_bound >= (self.config.dead_after_tokens or DEAD_AFTER_TOKENS_CAP)
+
+    def forget_firing_bound(self) -> None:
+        """The counters changed behind ``record_firing`` (loaded, broadcast): read them
+        again at the next step."""
+        self._since_fired_bound = None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self.forget_firing_bound()
+
     def sparsity_coefficient(self, step: int, total_steps: int) -> float:
         c = self.config
         lam = {"relu": c.l1_coefficient, "jumprelu": c.l0_coefficient}.get(c.activation, 0.0)
@@ -358,7 +379,7 @@ class SparseCoder(Coder):
         loss = recon + lam * sparsity
         dead = self.dead_latents()
         auxk = recon.new_zeros(())
-        if c.auxk_coefficient > 0 and bool(dead.any()):
+        if c.auxk_coefficient > 0 and self.may_have_dead():  # host-side: no sync per step
             residual = (x - x_hat).detach()
             # AuxK's codes are a TopK (+ ReLU) of pre: sparse decode is exact for any activation
             decode = partial(dec.decode_sparse, max_active=c.resolved_auxk_k * c.n_groups)
@@ -395,3 +416,5 @@ class SparseCoder(Coder):
         """Dead-latent counters advance by ``rows`` and reset where a latent ``fired``
         (pipeline/ddp.py passes the global batch's)."""
         self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)
+        if self._since_fired_bound is not None:
+            self._since_fired_bound += rows

@@ -153,14 +153,27 @@ class ChunkDecoder:
         self.pool.shutdown(wait=False)
 
 
+def rank_rows(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous rows of an ``n``-row global batch (sizes differ by at most
+    one); pipeline/ddp.py slices the same way."""
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
 class Reader(ABC):
     """One loader mode: the batches of an epoch, normalised float32 on the device.
 
     Contract (tests/test_loader.py): every row once per epoch, order fixed by seed and
     epoch, ``epoch(e, skip_batches=s)`` yields exactly ``epoch(e)``'s batches after the
-    first ``s``."""
+    first ``s``. With ``share = (rank, world)`` (torchrun) a reader yields only that rank's
+    rows of each global batch, and gathers only those: the global batches are unchanged."""
 
     mode: str
+    share: tuple[int, int] | None = None
+    rows_read = 0  # rows gathered (resident, memmap) or decoded (stream): I/O per rank
+
+    def mine(self, index: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        """This rank's part of a global batch's row indices (all of them without a share)."""
+        return index if self.share is None else index[rank_rows(len(index), *self.share)]
 
     @abstractmethod
     def epoch(self, epoch: int, skip_batches: int) -> Iterator[torch.Tensor]: ...

@@ -19,6 +19,7 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
+from pipeline.locks import exclusive_lock
 from pipeline.paths import decoded_split_file
 from pipeline.readers.base import ChunkDecoder
 from pipeline.store_format import NUMPY_STORAGE, atomic_write_json, fsync_dir, to_storage_numpy
@@ -88,7 +89,8 @@ def build(file: DecodedFile, decoder: ChunkDecoder, split: str) -> None:
         for chunk in range(decoder.store.n_chunks):
             if not len(decoder.chunk_rows[chunk]):
                 continue
-            values = np.ascontiguousarray(to_storage_numpy(decoder.decode([chunk], None)))
+            decoded = decoder.decode([chunk], None).cpu()  # decode: gpu gives device tensors
+            values = np.ascontiguousarray(to_storage_numpy(decoded))
             out[offset : offset + values.shape[0]] = values
             value = crc32c.crc32c(values, value=value)
             offset += values.shape[0]
@@ -114,15 +116,19 @@ def build(file: DecodedFile, decoder: ChunkDecoder, split: str) -> None:
 
 
 def ensure(file: DecodedFile, decoder: ChunkDecoder, split: str) -> bool:
-    """Build the file unless a verified copy exists; True when it was (re)built."""
-    if file.path.is_file() and file.record.is_file():
-        try:
-            verify(file)
-            return False
-        except DecodedFileError as err:
-            print(f"loader: {err}; rebuilding it")
-    build(file, decoder, split)
-    return True
+    """Build the file unless a verified copy exists; True when it was (re)built.
+
+    Under a lock beside the file: of the processes that want it at once (torchrun ranks,
+    parallel runs on one cache) one decodes the split, the others wait and verify it."""
+    with exclusive_lock(file.path.with_name(f"{file.path.name}.lock"), what="decode"):
+        if file.path.is_file() and file.record.is_file():
+            try:
+                verify(file)
+                return False
+            except DecodedFileError as err:
+                print(f"loader: {err}; rebuilding it")
+        build(file, decoder, split)
+        return True
 
 
 def remove(file: DecodedFile) -> None:

@@ -41,6 +41,7 @@ class MemmapReader(Reader):
         device: torch.device,
         workers: int = 2,
         prefetch: int = 4,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.file = decoded_file.decoded_file_for(decoder, split)
         self.built = decoded_file.ensure(self.file, decoder, split)
@@ -51,10 +52,14 @@ class MemmapReader(Reader):
         self.seed = seed
         self.device = device
         self.prefetch = max(1, prefetch)
+        self.share = share
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
     def _gather(self, rows: np.ndarray) -> torch.Tensor:
-        stored = self.data[np.sort(rows)]
+        """The batch's rows in sorted order (this rank's slice of them under a share)."""
+        rows = self.mine(np.sort(rows))
+        self.rows_read += len(rows)
+        stored = self.data[rows]
         if self.device.type == "cpu":
             return self.normaliser.apply_(bits_to_float32(stored, self.dtype))
         if self.dtype == "bfloat16":

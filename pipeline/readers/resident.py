@@ -24,12 +24,14 @@ class ResidentReader(Reader):
         batch_size: int,
         seed: int,
         device: torch.device,
+        share: tuple[int, int] | None = None,
     ) -> None:
         self.decoder = decoder
         self.normaliser = normaliser
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
+        self.share = share
         self._data: torch.Tensor | None = None
         self.pool = ThreadPoolExecutor(max_workers=2)
 
@@ -44,14 +46,16 @@ class ResidentReader(Reader):
         order = torch.randperm(data.shape[0], generator=seeded_generator(self.seed, epoch))
         order = order.to(self.device)
         starts = range(skip_batches * self.batch_size, data.shape[0], self.batch_size)
-        if self.device.type != "cpu":  # queued on the device: nothing to overlap here
-            for start in starts:
-                yield self.normaliser.apply(data[order[start : start + self.batch_size]])
-            return
-        # on the CPU, gather and normalise in threads while the consumer steps
 
         def batch(start: int) -> torch.Tensor:
-            return self.normaliser.apply(data[order[start : start + self.batch_size]])
+            rows = self.mine(order[start : start + self.batch_size])
+            self.rows_read += len(rows)
+            return self.normaliser.apply(data[rows])
+
+        if self.device.type != "cpu":  # queued on the device: nothing to overlap here
+            yield from map(batch, starts)
+            return
+        # on the CPU, gather and normalise in threads while the consumer steps
 
         yield from prefetched(self.pool, (partial(batch, start) for start in starts), 4)
 
