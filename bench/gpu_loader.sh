@@ -16,7 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 NVCOMP="nvidia-nvcomp-cu12==5.1.0.21"  # pipeline/readers/gpu_decode.py names the same pin
-TORCH="torch==2.8.0"                     # a CUDA 12 build on Linux from PyPI
+TORCH="${TORCH_SPEC:-torch==2.13.0}"     # the Makefile's pin: PyPI serves its CUDA build
 VENV="${VENV:-.venv-gpu}"
 WORK="${WORK:-$PWD/.gpu-bench}"
 started=$SECONDS
