@@ -140,3 +140,32 @@ def test_runs_recorded_before_the_rule_keep_every_token():
     assert old.training.outlier_norm_ratio is None
     new = recorded_manifest({**base, "training": {"tokens": 512, "outlier_norm_ratio": 30.0}})
     assert new.training.outlier_norm_ratio == 30.0
+
+
+def test_spectrum_cli_reads_the_kept_tokens_and_says_what_it_dropped(tiny_store, data_dir):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    store = ActivationStore(tiny_store)
+    root, key = str(tiny_store.parent), store.key
+    ratio = _low_ratio(store)
+    runner = CliRunner()
+    dropped = runner.invoke(
+        main, ["spectrum", key, "--cache-root", root, "--outlier-ratio", str(ratio)]
+    )
+    assert dropped.exit_code == 0, dropped.output
+    n = outliers.outlier_scan(store, ratio).rows.size
+    assert f"excluded: {n} of" in dropped.output
+    kept = runner.invoke(main, ["spectrum", key, "--cache-root", root, "--outlier-ratio", "0"])
+    assert kept.exit_code == 0 and "excluded" not in kept.output
+    tokens = [
+        int(line.split("tokens ")[1].split()[0].replace(",", ""))
+        for line in (dropped.output.splitlines()[0], kept.output.splitlines()[0])
+    ]
+    assert (
+        tokens[1] - tokens[0]
+        == np.isin(outliers.outlier_scan(store, ratio).rows, split_rows(store, "train")).sum()
+    )
+    bad = runner.invoke(main, ["spectrum", key, "--cache-root", root, "--outlier-ratio", "0.5"])
+    assert bad.exit_code != 0 and "--outlier-ratio" in bad.output
