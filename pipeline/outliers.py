@@ -27,6 +27,7 @@ from torch import Tensor
 
 from pipeline.store import ActivationStore
 from pipeline.store_format import atomic_write_bytes, safetensors_bytes
+from pipeline.store_writer import block_statistics, statistics_from_totals
 
 DEFAULT_RATIO = 30.0
 # Tokens the median is taken over: enough for a stable median, a few chunks to decode.
@@ -82,11 +83,8 @@ def scan(store: ActivationStore, ratio: float) -> OutlierScan:
     special = _special_mask(store)
     median = median_norms(store, special)
     limit = ratio * median
-    layers, d = store.n_layers, store.d_model
-    total = torch.zeros(layers, d, dtype=torch.float64)
-    norm_sum = torch.zeros(layers, dtype=torch.float64)
-    sq_kept = torch.zeros(layers, dtype=torch.float64)
-    sq_all = torch.zeros(layers, dtype=torch.float64)
+    totals: dict[str, Tensor] = {}
+    sq_all = torch.zeros(store.n_layers, dtype=torch.float64)
     excluded, count, scanned = [], 0, 0
     for chunk in range(store.n_chunks):
         start, stop = store.chunk_rows(chunk)
@@ -96,23 +94,15 @@ def scan(store: ActivationStore, ratio: float) -> OutlierScan:
         outlier = (norms > limit).any(dim=1) & ordinary
         keep = ordinary & ~outlier
         excluded.append(np.flatnonzero(outlier.numpy()) + start)
-        kept_norms = norms[keep].double()
-        total += x[keep].double().sum(0)
-        norm_sum += kept_norms.sum(0)
-        sq_kept += kept_norms.square().sum(0)
-        sq_all += norms[ordinary].double().square().sum(0)
+        for name, value in block_statistics(x, keep).items():
+            totals[name] = totals[name] + value if name in totals else value
+        sq_all += x[ordinary].double().norm(dim=-1).square().sum(0)  # as block_statistics
         count += int(keep.sum())
         scanned += int(ordinary.sum())
     if count == 0:
         raise ValueError(f"outlier scan: no ordinary token of cache {store.key} is kept")
-    mean = total / count
-    stats = {
-        "mean": mean.float(),
-        "mean_norm": (norm_sum / count).float(),
-        "rms_norm": (sq_kept / count).sqrt().float(),
-        "centred_rms_norm": (sq_kept / count - mean.square().sum(1)).clamp_min(0).sqrt().float(),
-    }
-    share = (1 - sq_kept / sq_all.clamp_min(1e-30)).float()
+    stats = statistics_from_totals(totals, count)
+    share = (1 - totals["sq_norm_sum"] / sq_all.clamp_min(1e-30)).float()
     rows = np.concatenate(excluded).astype(np.int64) if excluded else np.zeros(0, np.int64)
     return OutlierScan(ratio, rows, scanned, median.float(), share, stats)
 

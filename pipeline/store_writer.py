@@ -143,18 +143,24 @@ class StoreWriter:
         self._pool.shutdown()
 
 
-def write_statistics(path: Path, totals: dict, count: float) -> None:
-    """Per-hook mean, mean norm, RMS norm, and centred RMS norm for normalisation."""
+def statistics_from_totals(totals: dict, count: float) -> dict[str, torch.Tensor]:
+    """Per-hook mean, mean norm, RMS norm, and centred RMS norm from ``block_statistics``
+    sums: what the normaliser reads (the store's file, or an outlier scan's kept tokens)."""
     mean = totals["sum"] / count
     mean_norm = totals["norm_sum"] / count
     rms = (totals["sq_norm_sum"] / count).sqrt()
     centred_rms = (totals["sq_norm_sum"] / count - mean.square().sum(1)).clamp_min(0).sqrt()
-    tensors = {
+    return {
         "mean": mean.float(),
         "mean_norm": mean_norm.float(),
         "rms_norm": rms.float(),
         "centred_rms_norm": centred_rms.float(),
     }
+
+
+def write_statistics(path: Path, totals: dict, count: float) -> None:
+    """The store's normalisation statistics file."""
+    tensors = statistics_from_totals(totals, count)
     atomic_write_bytes(path, safetensors_bytes(tensors, {"tokens": str(int(count))}))
 
 
