@@ -169,3 +169,14 @@ def test_spectrum_cli_reads_the_kept_tokens_and_says_what_it_dropped(tiny_store,
     )
     bad = runner.invoke(main, ["spectrum", key, "--cache-root", root, "--outlier-ratio", "0.5"])
     assert bad.exit_code != 0 and "--outlier-ratio" in bad.output
+
+
+def test_a_ratio_at_or_below_one_is_a_one_line_error_naming_the_field():
+    from pipeline.manifest_io import ManifestError, validate
+    from pipeline.train_manifest import CoderManifest
+
+    data = {"name": "x", "cache": {"key": "abc"}, "coder": {"kind": "crosscoder"}}
+    with pytest.raises(ManifestError) as err:
+        validate(CoderManifest, {**data, "training": {"outlier_norm_ratio": 1}}, "m.yaml")
+    message = str(err.value)
+    assert "outlier_norm_ratio" in message and "m.yaml" in message and "\n" not in message
