@@ -6,7 +6,13 @@
 2. shuffle quality: distinct documents per batch, against the expectation for a perfect
    shuffle (stream's window, and the old 4-chunk window for comparison);
 3. training steps/s fed by each mode vs fed by batches already on the device, for the
-   dense crosscoder and the fmxcoder (target >= 0.95: the loader never starves the device);
+   dense crosscoder and the fmxcoder (target >= 0.95: the loader never starves the device).
+   Each loader-fed sample is bracketed by two device-fed ones (ratio to their mean, median
+   over rounds), and stream is timed over a whole epoch, which holds exactly one decode of
+   the split, as in training. ``<coder>_<mode>_work_per_step`` is the mode's own work for
+   one batch (resident, memmap: a batch at the mode's rows/s; stream: the split's
+   decode-only time over the epoch's steps) as a share of a device-fed step: on a CPU that
+   work runs on the step's own cores, so ``1 / (1 + share)`` is what it alone would cost;
 4. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
    nvCOMP decode-only rate against zarr's on the CPU, the stream mode on ``decode: gpu``
    against the stream mode, and its step ratios (bench/gpu_loader.sh runs this).
@@ -146,10 +152,10 @@ def main() -> None:
     parser.add_argument("--layers", default="all", help="store hook indices, or 'all'")
     parser.add_argument("--latents", type=int, default=1024)
     parser.add_argument("--k", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=3)
+    parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2, help="loader decode threads")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
     parser.add_argument("--quality-batches", type=int, default=20)
     parser.add_argument("--device", default="auto")
@@ -222,6 +228,7 @@ def main() -> None:
     rate = {name: statistics.median(values) for name, values in samples.items()}
     for name, value in rate.items():
         figures[f"{name}_rows_per_s"] = value
+    decode_seconds = stream.n_tokens / rate["decode_only"]  # one epoch's decode, all threads
     for mode in MODES + extra_modes:
         figures[f"{mode}_vs_decode_only"] = rate[mode] / rate["decode_only"]
         figures[f"{mode}_vs_raw"] = rate[mode] / rate["raw_memmap_sequential"]
@@ -242,8 +249,10 @@ def main() -> None:
     common = {"n_layers": len(stream.layers), "d_model": store.d_model}
     common |= {"n_latents": args.latents, "activation": "topk", "k": args.k}
     dense = build_coder(coder_config_from_dict({"kind": "crosscoder", **common})).to(device)
-    fmx_config = {"kind": "fmxcoder", "rank": args.rank, **common}
-    fmx_config |= {"encoder_factorization": "shared_basis", "decoder_factorization": "shared_basis"}
+    fmx_config = {"kind": "fmxcoder", "rank": args.rank, **common}  # the default reading:
+    fmx_config |= {"encoder_factorization": "per_latent", "decoder_factorization": "per_latent"}
+    fmx_config |= {"masking_probability": 0.25, "masking_rescale": True}
+    fmx_config |= {"collapse_coefficient": 0.1}  # per_latent rank 2 + layer masking
     fmx = build_coder(coder_config_from_dict(fmx_config)).to(device)
     synthetic = [
         torch.randn(args.batch, len(stream.layers), store.d_model, device=device) for _ in range(8)
@@ -254,19 +263,35 @@ def main() -> None:
             yield from synthetic
 
     feeds = {mode: (lambda each=each: endless(each)) for mode, each in loaders.items()}
-    feeds["device"] = device_batches
-    rates: dict[str, list[float]] = {}
+    # a stream epoch decodes the split once, overlapped with the steps: its rate is only
+    # meaningful over a whole epoch (10 steps would sit beside a whole epoch's decode)
+    epoch_steps = -(-stream.n_tokens // args.batch)
+    figures["stream_steps_timed"] = max(args.steps, epoch_steps)
+    ratios: dict[str, list[float]] = {}
+    on_device: dict[str, list[float]] = {}
     for _ in range(args.rounds):  # interleaved, medians: a shared machine drifts
         for coder_name, coder in (("crosscoder", dense), ("fmxcoder", fmx)):
-            for feed, batches in feeds.items():
-                rate = steps_per_second(coder, batches(), args.steps, device)
-                rates.setdefault(f"{coder_name}_{feed}", []).append(rate)
-    median = {name: statistics.median(values) for name, values in rates.items()}
+            before = steps_per_second(coder, device_batches(), args.steps, device)
+            on_device.setdefault(coder_name, []).append(before)
+            for feed, batches in feeds.items():  # each bracketed by device-fed neighbours
+                steps = figures["stream_steps_timed"] if feed.startswith("stream") else args.steps
+                fed = steps_per_second(coder, batches(), steps, device)
+                after = steps_per_second(coder, device_batches(), args.steps, device)
+                on_device[coder_name].append(after)
+                ratios.setdefault(f"{coder_name}_{feed}", []).append(fed / ((before + after) / 2))
+                before = after
     for coder_name in ("crosscoder", "fmxcoder"):
-        on_device = median[f"{coder_name}_device"]
-        figures[f"{coder_name}_steps_per_s_from_device"] = on_device
+        device_rate = statistics.median(on_device[coder_name])
+        figures[f"{coder_name}_steps_per_s_from_device"] = device_rate
         for mode in MODES + extra_modes:
-            figures[f"{coder_name}_{mode}_vs_device"] = median[f"{coder_name}_{mode}"] / on_device
+            figures[f"{coder_name}_{mode}_vs_device"] = statistics.median(
+                ratios[f"{coder_name}_{mode}"]
+            )
+        for mode in MODES:  # the loader's own work per batch, as a share of a device-fed step
+            work = args.batch / figures[f"{mode}_rows_per_s"]  # a batch at the mode's own rate
+            if mode == "stream":  # its decode of the split, spread over the epoch's steps
+                work = decode_seconds / epoch_steps
+            figures[f"{coder_name}_{mode}_work_per_step"] = work * device_rate
     figures |= {
         "stream_vs_decode_only": figures["stream_vs_decode_only"],
         "memmap_vs_raw": figures["memmap_vs_raw"],

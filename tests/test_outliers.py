@@ -180,3 +180,35 @@ def test_a_ratio_at_or_below_one_is_a_one_line_error_naming_the_field():
         validate(CoderManifest, {**data, "training": {"outlier_norm_ratio": 1}}, "m.yaml")
     message = str(err.value)
     assert "outlier_norm_ratio" in message and "m.yaml" in message and "\n" not in message
+
+
+def test_evaluate_refuses_runs_that_drop_different_tokens(tiny_store, data_dir, tmp_path):
+    """Two runs of one cache, one keeping every token and one dropping outliers, would be
+    scored on different test tokens: evaluate says so in one line naming the field."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+    from pipeline.train_manifest import CoderManifest
+    from stages import train
+
+    store = ActivationStore(tiny_store)
+    ratio = _low_ratio(store)
+    manifests = [
+        CoderManifest.model_validate(
+            {
+                "name": f"cc-{name}",
+                "cache": {"key": store.key, "root": str(tiny_store.parent)},
+                "coder": {"kind": "crosscoder", "n_latents": 16, "activation": "topk", "k": 2},
+                "training": {"tokens": 4 * 64, "batch_size": 64, "outlier_norm_ratio": value},
+                "run": {"runs_root": str(tmp_path / "runs"), "progress": False},
+            }
+        )
+        for name, value in (("kept", None), ("dropped", ratio))
+    ]
+    runs = [str(r.run_dir) for r in train.run([(m, tmp_path) for m in manifests])]
+    result = CliRunner().invoke(main, ["evaluate", *runs, "--out", str(tmp_path / "report")])
+    assert result.exit_code != 0
+    message = result.output.strip()
+    assert "training.outlier_norm_ratio: runs differ" in message, message
+    assert "\n" not in message and "Traceback" not in message
+    assert not (tmp_path / "report").exists()
