@@ -11,6 +11,7 @@ import torch
 from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.store import ActivationStore
+from pipeline.store_format import from_storage_numpy
 from stages import harvest
 from tests.helpers import TINY, harvest_tiny
 
@@ -51,6 +52,27 @@ def test_every_train_token_once_per_epoch(store, mode):
     seen = _row_ids(loader, 0)
     assert len(seen) == rows.size
     assert sorted(seen) == pytest.approx(sorted(_expected_ids(store, rows)), abs=1e-4)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_every_mode_serves_the_normalised_stored_values_bit_for_bit(store, centre):
+    """Resident and memmap normalise in numpy on a CPU (in their loader threads), stream in
+    torch: an epoch of each, rows sorted, equals Normaliser.apply on the stored rows."""
+    rows = split_rows(store, "train")
+    normaliser = Normaliser.from_store(store, list(range(store.n_layers)), centre)
+    stored = from_storage_numpy(store.read_stored(0, store.n_tokens), store.dtype)
+    expected = normaliser.apply(stored[torch.from_numpy(rows)])
+
+    def sorted_rows(x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        keys = flat[:, :8].double() @ torch.logspace(0, 7, 8, dtype=torch.float64)
+        return flat[torch.argsort(keys)]
+
+    for mode in MODES:
+        loader = ActivationLoader(store, batch_size=100, mode=mode, centre=centre, seed=1)
+        served = torch.cat(list(loader.epoch(0)))
+        loader.close()
+        assert torch.equal(sorted_rows(served), sorted_rows(expected)), mode
 
 
 def test_chunks_without_split_rows_lose_nothing(tmp_path):

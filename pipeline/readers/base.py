@@ -52,6 +52,15 @@ class Normaliser:
             x.sub_(self.mean)
         return x.mul_(self.scale[:, None])
 
+    def apply_host_(self, x: torch.Tensor) -> torch.Tensor:
+        """``apply_`` in numpy, for a loader thread on the CPU: numpy stays on that thread,
+        where torch would start an OpenMP team of its own beside the training step's."""
+        values = x.numpy()
+        if self.centre:
+            np.subtract(values, self.mean.numpy(), out=values)
+        np.multiply(values, self.scale.numpy()[:, None], out=values)
+        return x
+
     def apply_layer_(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """``apply`` in place on float32 rows ``[n, d]`` of one (selected) layer."""
         if self.centre:
@@ -77,6 +86,13 @@ def bits_to_float32(stored: np.ndarray, dtype: str) -> torch.Tensor:
         widened <<= 16
         return torch.from_numpy(widened.view(np.float32))
     return torch.from_numpy(stored.astype(np.float32))
+
+
+def storage_numpy(stored: torch.Tensor) -> np.ndarray:
+    """A CPU tensor in the storage dtype as numpy without a copy (bf16 as its uint16 bits)."""
+    if stored.dtype == torch.bfloat16:
+        return stored.view(torch.int16).numpy().view(np.uint16)
+    return stored.numpy()
 
 
 def prefetched(

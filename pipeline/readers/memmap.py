@@ -61,7 +61,7 @@ class MemmapReader(Reader):
         self.rows_read += len(rows)
         stored = self.data[rows]
         if self.device.type == "cpu":
-            return self.normaliser.apply_(bits_to_float32(stored, self.dtype))
+            return self.normaliser.apply_host_(bits_to_float32(stored, self.dtype))
         if self.dtype == "bfloat16":
             batch = torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
         else:

@@ -8,7 +8,15 @@ from functools import partial
 
 import torch
 
-from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, prefetched, seeded_generator
+from pipeline.readers.base import (
+    ChunkDecoder,
+    Normaliser,
+    Reader,
+    bits_to_float32,
+    prefetched,
+    seeded_generator,
+    storage_numpy,
+)
 
 
 class ResidentReader(Reader):
@@ -55,9 +63,16 @@ class ResidentReader(Reader):
         if self.device.type != "cpu":  # queued on the device: nothing to overlap here
             yield from map(batch, starts)
             return
-        # on the CPU, gather and normalise in threads while the consumer steps
+        # on the CPU, gather and normalise in threads while the consumer steps, in numpy:
+        # one core per thread, no OpenMP team beside the step's
+        host, dtype = storage_numpy(data), self.decoder.store.dtype
 
-        yield from prefetched(self.pool, (partial(batch, start) for start in starts), 4)
+        def host_batch(start: int) -> torch.Tensor:
+            rows = self.mine(order[start : start + self.batch_size]).numpy()
+            self.rows_read += len(rows)
+            return self.normaliser.apply_host_(bits_to_float32(host[rows], dtype))
+
+        yield from prefetched(self.pool, (partial(host_batch, start) for start in starts), 4)
 
     def close(self) -> None:
         self._data = None
