@@ -11,24 +11,39 @@
 #
 #   bash bench/gpu_loader.sh            # a venv in .venv-gpu; PYTHON=python3.11 to choose
 #   VENV=/path/to/venv bash bench/gpu_loader.sh   # reuse an environment that has torch+CUDA
-# Offline nodes: pip honours PIP_NO_INDEX=1 PIP_FIND_LINKS=/wheels as usual.
+# Offline nodes (the device tool's machine): with a .whl/ folder (bench/gpu_wheels.sh fills it
+# where pip works), the wheels go into /tmp/fmx-site beside the node's own python3 and torch,
+# and nothing is fetched. With the device tool, from this checkout:
+#   bash bench/gpu_wheels.sh; mv results /tmp/results-aside   # 64 MiB travel per call
+#   run(command="bash bench/gpu_loader.sh", carry=[".whl"], timeout_s=540)
+#   mv /tmp/results-aside results        # the two JSON files come back through $OUT
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NVCOMP="nvidia-nvcomp-cu12==5.1.0.21"  # pipeline/readers/gpu_decode.py names the same pin
 TORCH="${TORCH_SPEC:-torch==2.13.0}"     # the Makefile's pin: PyPI serves its CUDA build
 VENV="${VENV:-.venv-gpu}"
+WHEELS="${WHEELS:-.whl}"
 WORK="${WORK:-$PWD/.gpu-bench}"
 started=$SECONDS
 
-if [ ! -x "$VENV/bin/python" ]; then
-    "${PYTHON:-python3}" -m venv "$VENV"
+if [ -d "$WHEELS" ]; then  # offline: the node's python3 and torch, our wheels beside them
+    PY="${PYTHON:-python3}"
+    "$PY" -m pip install --quiet --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/fmx-site "$WHEELS"/*.whl
+    export PYTHONPATH="/tmp/fmx-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+    if [ ! -x "$VENV/bin/python" ]; then
+        "${PYTHON:-python3}" -m venv "$VENV"
+    fi
+    PY="$VENV/bin/python"
+    "$PY" -m pip install --quiet --upgrade pip
+    "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+        || "$PY" -m pip install --quiet "$TORCH"
+    "$PY" -m pip install --quiet -e .
+    # nvCOMP for the CUDA that torch was built with (pipeline/readers/gpu_decode.py pins it)
+    "$PY" -m pip install --quiet "$("$PY" -c \
+        'from pipeline.readers.gpu_decode import nvcomp_pin; print(nvcomp_pin())')"
 fi
-PY="$VENV/bin/python"
-"$PY" -m pip install --quiet --upgrade pip
-"$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
-    || "$PY" -m pip install --quiet "$TORCH"
-"$PY" -m pip install --quiet -e . "$NVCOMP"
 "$PY" - <<'EOF'
 import torch
 from nvidia import nvcomp
@@ -56,3 +71,6 @@ echo "storage layouts: $((SECONDS - started)) s"
 "$PY" bench/train.py --harvest "$MANIFEST" --device cuda --gpu-decode \
     --rounds 2 --steps 20 --latents 4096 --batch 4096 --workers 4
 echo "total: $((SECONDS - started)) s"
+if [ -n "${OUT:-}" ]; then  # the device tool's folder of files that come back
+    cp bench/results/storage_layout-cuda.json bench/results/train-cuda.json "$OUT"/
+fi

@@ -4,6 +4,7 @@ read with numcodecs standing in for nvCOMP, and every refusal is one line naming
 
 from __future__ import annotations
 
+import importlib.metadata
 import itertools
 import subprocess
 from pathlib import Path
@@ -258,3 +259,50 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
         "stream_gpu_decode_shuffle_quality",
     ):
         assert figures[key] > 0, key
+
+
+def test_nvcomp_pin_follows_the_cuda_major_version():
+    from pipeline.readers.gpu_decode import nvcomp_pin
+
+    assert nvcomp_pin("12.8").startswith("nvidia-nvcomp-cu12==")
+    assert nvcomp_pin("13.0").startswith("nvidia-nvcomp-cu13==")
+
+
+# What the device tool's GPU image already holds (bench/gpu_wheels.sh's header says so).
+DEVICE_IMAGE = {
+    "torch", "torchgen", "numpy", "pyarrow", "yaml", "safetensors", "tqdm", "click", "fsspec",
+    "msgpack", "cloudpickle", "filelock", "packaging", "typing_extensions",
+}  # fmt: skip
+
+
+def test_gpu_wheels_cover_every_package_the_gpu_bench_imports():
+    """The offline node gets exactly the wheels bench/gpu_wheels.sh fetches: every
+    third-party module the GPU bench imports must be in the image or in that list."""
+    import re
+    import sys
+
+    probe = (
+        "import sys; sys.path.insert(0, 'bench'); import train, storage_layout; "
+        "import pipeline.readers.gpu_decode; "
+        "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True
+    )
+    ours = {"pipeline", "stages", "common", "train", "storage_layout"}
+    imported = {
+        m
+        for m in done.stdout.split()
+        if m not in sys.stdlib_module_names and not m.startswith("_") and m not in ours
+    }
+    imported -= {"cython_runtime"}  # an interpreter module, no package
+    distributions = importlib.metadata.packages_distributions()
+    script = (REPO / "bench" / "gpu_wheels.sh").read_text()
+    listed = re.search(r"PACKAGES=\(([^)]*)\)", script).group(1).split()
+    fetched = {name.replace("-", "_").lower() for name in listed}
+    missing = {
+        module
+        for module in imported - DEVICE_IMAGE
+        if not {d.replace("-", "_").lower() for d in distributions.get(module, [module])} & fetched
+    }
+    assert not missing, f"imported by the GPU bench, neither in the image nor fetched: {missing}"

@@ -33,7 +33,9 @@ from pipeline.readers.base import ChunkDecoder, Normaliser
 from pipeline.store import ActivationStore
 from pipeline.store_format import TORCH_STORAGE
 
-NVCOMP_PIN = "nvidia-nvcomp-cu12==5.1.0.21"  # bench/gpu_loader.sh installs the same
+# nvCOMP's Python package per CUDA major version (bench/gpu_loader.sh and
+# bench/gpu_wheels.sh install the one torch's CUDA needs)
+NVCOMP_PINS = {"12": "nvidia-nvcomp-cu12==5.1.0.21", "13": "nvidia-nvcomp-cu13==6.0.0.12"}
 EMPTY = np.iinfo(np.uint64).max  # a shard index entry of a frame never written
 ALIGN = 16  # bytes: each frame's start in the device buffer handed to nvCOMP
 FrameDecoder = Callable[[list[bytes], int], torch.Tensor]
@@ -55,6 +57,12 @@ def require_gpu_layout(store: ActivationStore) -> None:
         )
 
 
+def nvcomp_pin(cuda: str | None = None) -> str:
+    """The nvCOMP package for a CUDA version (default: the one torch was built with)."""
+    major = (cuda or torch.version.cuda or "12").split(".")[0]
+    return NVCOMP_PINS.get(major, NVCOMP_PINS["12"])
+
+
 def require_cuda(device: torch.device) -> None:
     """A CUDA device and nvCOMP's Python package, or one line naming what is missing."""
     if device.type != "cuda":
@@ -68,7 +76,7 @@ def require_cuda(device: torch.device) -> None:
         from nvidia import nvcomp  # noqa: F401
     except ImportError:
         raise GpuDecodeError(
-            f"decode: gpu needs NVIDIA nvCOMP's Python package: pip install {NVCOMP_PIN}"
+            f"decode: gpu needs NVIDIA nvCOMP's Python package: pip install {nvcomp_pin()}"
         ) from None
 
 
