@@ -13,7 +13,9 @@
    one batch (resident, memmap: a batch at the mode's rows/s; stream: the split's
    decode-only time over the epoch's steps) as a share of a device-fed step: on a CPU that
    work runs on the step's own cores, so ``1 / (1 + share)`` is what it alone would cost;
-4. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
+4. stream under torchrun: the rows each of 2, 4 and 8 ranks decodes per epoch, as a share
+   of one process's (from the epoch's plan; each rank decodes its strata's segments);
+5. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
    nvCOMP decode-only rate against zarr's on the CPU, the stream mode on ``decode: gpu``
    against the stream mode, and its step ratios (bench/gpu_loader.sh runs this).
 
@@ -39,6 +41,7 @@ from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader
 from pipeline.models import resolve_device
 from pipeline.readers.base import bits_to_float32
+from pipeline.readers.stream import StreamReader
 from pipeline.store import ActivationStore
 from stages import harvest
 
@@ -88,6 +91,27 @@ def fresh_stream_rows_per_second(make, epochs: int) -> float:
     rate = seen / (time.perf_counter() - started)
     each.close()
     return rate
+
+
+def rank_decode_share(loader: ActivationLoader, world: int) -> float:
+    """Rows a torchrun rank decodes in a stream epoch (``stream_strata = world``), as a share
+    of what one process decodes: from the epoch's plan, nothing decoded."""
+    reader = loader.reader
+    decoded = []
+    for rank in range(world):
+        ranked = StreamReader(
+            loader.decoder,
+            loader.normaliser,
+            batch_size=loader.batch_size,
+            seed=0,
+            device=loader.device,
+            window_rows=reader.window_rows,
+            share=(rank, world),
+        )
+        segments = ranked.segments(0, loader.n_tokens)
+        decoded.append(sum(loader.decoder.n_rows(ranked.segment_chunks(s)[0]) for s in segments))
+        ranked.close()
+    return statistics.mean(decoded) / loader.n_tokens
 
 
 def row_documents(store: ActivationStore, loader: ActivationLoader) -> dict[bytes, int]:
@@ -235,6 +259,9 @@ def main() -> None:
     if args.gpu_decode:
         figures["gpu_decode_vs_cpu_decode"] = rate["gpu_decode_only"] / rate["decode_only"]
         figures["stream_gpu_decode_vs_stream"] = rate["stream_gpu_decode"] / rate["stream"]
+
+    for world in (2, 4, 8):  # torchrun: each rank decodes only its strata's segments
+        figures[f"stream_rows_decoded_per_rank_{world}_ranks"] = rank_decode_share(stream, world)
 
     keys = row_documents(store, stream)
     perfect = perfect_shuffle_documents(keys, args.batch)

@@ -16,7 +16,9 @@ free memory, or ``resident_max_bytes``), else memmap when the disk allows, else 
 
 ``decode: gpu`` decompresses a zstd-gpu store's chunks with nvCOMP on the device
 (pipeline/readers/gpu_decode.py). ``share = (rank, world)`` (torchrun) yields only that
-rank's rows of each global batch, and gathers only those (pipeline/ddp.py).
+rank's rows of each global batch, and gathers only those (pipeline/ddp.py); in stream mode
+it decodes only its strata's segment of each window (``stream_strata``, default the world
+size: the batches depend on it, never on the number of ranks).
 """
 
 from __future__ import annotations
@@ -124,6 +126,7 @@ class ActivationLoader:
         outlier_ratio: float | None = None,
         decode: str = "cpu",
         share: tuple[int, int] | None = None,
+        stream_strata: int | None = None,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -161,6 +164,7 @@ class ActivationLoader:
             print(f"loader: {self.mode} ({self.choice.reason})")
             if self.outliers is not None and self.outliers.rows.size:
                 print(f"loader: excluded {self.outliers.summary()}")
+        self.stream_strata = stream_strata
         self.reader = self._reader(workers, window_bytes, buffer_chunks)
 
     def _decoder(self, decode: str, workers: int) -> ChunkDecoder:
@@ -196,7 +200,13 @@ class ActivationLoader:
         window = stream_window_rows(buffer_row, window_bytes)
         if buffer_chunks is not None:  # a window of that many whole chunks
             window = buffer_chunks * self.store.chunk_tokens
-        return StreamReader(self.decoder, self.normaliser, window_rows=window, **common)
+        return StreamReader(
+            self.decoder,
+            self.normaliser,
+            window_rows=window,
+            strata=self.stream_strata,
+            **common,
+        )
 
     @property
     def n_tokens(self) -> int:

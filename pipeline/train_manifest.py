@@ -115,6 +115,13 @@ class TrainRunSpec(Strict):
         description="Where chunks are decompressed: cpu (zarr), or gpu (nvCOMP on a CUDA "
         "device; the store must be harvested with storage: {codec: zstd-gpu}).",
     )
+    stream_strata: int | None = Field(
+        None,
+        ge=1,
+        description="Stream mode: every batch takes a fixed share from each of this many "
+        "segments of its window, so each torchrun rank decodes only its own segments; the "
+        "batches depend on it, not on the rank count. Default: the number of ranks.",
+    )
     progress: bool = Field(True, description="Show a progress bar.")
     wandb: WandbSpec | None = Field(
         None, description="Log metrics to Weights & Biases as well (default: off)."

@@ -314,6 +314,9 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             spec.validation_fraction,
             spec.validation_tokens,
             spec.outlier_norm_ratio,
+            manifest.run.loader_mode,  # the batch order depends on these too
+            manifest.run.decode,
+            manifest.run.stream_strata,
             str(device),
         )
         coder_run = new_coder_run(manifest, config, paths, store.key, device, dist)
@@ -341,6 +344,7 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             outlier_ratio=spec.outlier_norm_ratio,
             decode=manifest.run.decode,
             share=None if dist is None else dist.share,
+            stream_strata=manifest.run.stream_strata,
         )
         held_out = validation_sample(
             store,
