@@ -12,6 +12,7 @@ from torch import Tensor
 
 from pipeline.coders.base import Coder, layer_fvu
 from pipeline.loader import ActivationLoader
+from pipeline.readers.base import seeded_generator
 from pipeline.store import ActivationStore
 
 
@@ -36,19 +37,47 @@ def validation_sample(
             layers=layers,
             split="validation",
             seed=0,
-            device=device,
+            device="cpu",
             centre=centre,
-            mode="stream",
-            buffer_chunks=1,
+            mode="stream",  # only its decoder and normaliser are used: nothing is decoded
             validation_fraction=fraction,
             outlier_ratio=outlier_ratio,
         )
     except ValueError:  # a store too small to hold out any document
         return None
     try:
-        return next(iter(loader.epoch(0)))
+        return _first_rows(loader, tokens).to(device)
     finally:
         loader.close()
+
+
+def _first_rows(loader: ActivationLoader, tokens: int) -> Tensor:
+    """The first ``tokens`` rows of a fixed shuffle: chunks in a seeded order, grouped into
+    windows of at most one chunk's worth of rows, each window permuted (the order every
+    recorded run's sample was drawn in); only the windows needed are decoded."""
+    decoder = loader.decoder
+    order = torch.randperm(decoder.store.n_chunks, generator=seeded_generator(0, 0))
+    windows: list[list[int]] = []
+    rows = 0
+    for chunk in order.tolist():
+        size = len(decoder.chunk_rows[chunk])
+        if not size:
+            continue
+        if windows and rows + size <= decoder.store.chunk_tokens:
+            windows[-1].append(chunk)
+            rows += size
+        else:
+            windows.append([chunk])
+            rows = size
+    parts, taken = [], 0
+    for index, chunks in enumerate(windows):
+        values = decoder.decode(chunks, loader.normaliser)
+        shuffled = torch.randperm(values.shape[0], generator=seeded_generator(0, 0, index + 1))
+        parts.append(values[shuffled[: tokens - taken]])
+        taken += parts[-1].shape[0]
+        if taken == tokens:
+            break
+    return torch.cat(parts)
 
 
 @torch.no_grad()
