@@ -315,9 +315,13 @@ def main() -> None:
                 ratios[f"{coder_name}_{mode}"]
             )
         for mode in MODES:  # the loader's own work per batch, as a share of a device-fed step
-            work = args.batch / figures[f"{mode}_rows_per_s"]  # a batch at the mode's own rate
-            if mode == "stream":  # its decode of the split, spread over the epoch's steps
-                work = decode_seconds / epoch_steps
+            # stream: its decode of the split spread over the epoch's steps; the others: a
+            # batch at the mode's own rate
+            work = (
+                decode_seconds / epoch_steps
+                if mode == "stream"
+                else args.batch / figures[f"{mode}_rows_per_s"]
+            )
             figures[f"{coder_name}_{mode}_work_per_step"] = work * device_rate
     figures |= {
         "stream_vs_decode_only": figures["stream_vs_decode_only"],

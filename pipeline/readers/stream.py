@@ -40,10 +40,11 @@ from pipeline.readers.base import (
 @dataclass(frozen=True)
 class Segment:
     """Rows ``[start, stop)`` of an epoch's chunk-ordered row list: one rank's part of a
-    window (its strata's segments, which are contiguous)."""
+    window of ``window_rows`` rows (its strata's segments, which are contiguous)."""
 
     epoch: int
     window: int
+    window_rows: int
     start: int
     stop: int
 
@@ -102,15 +103,17 @@ class StreamReader(Reader):
         starts = np.cumsum([0] + [len(self.decoder.chunk_rows[chunk]) for chunk in chunks])
         return chunks, starts
 
-    def stratum_sizes(self, rows: int) -> list[int]:
-        """Rows of each stratum in a window of ``rows`` rows: its share of every full batch,
-        and of the short last batch (the last window's) as ``rank_rows`` cuts it."""
+    def stratum_pieces(self, rows: int, stratum: int) -> list[int]:
+        """A stratum's rows in each batch of a window of ``rows`` rows: its ``rank_rows``
+        cut of every full batch, then of the short last batch (the last window's)."""
         full, rest = divmod(rows, self.batch_size)
-        return [
-            full * _length(rank_rows(self.batch_size, j, self.strata))
-            + _length(rank_rows(rest, j, self.strata))
-            for j in range(self.strata)
-        ]
+        pieces = [_length(rank_rows(self.batch_size, stratum, self.strata))] * full
+        return pieces + ([_length(rank_rows(rest, stratum, self.strata))] if rest else [])
+
+    def stratum_offsets(self, rows: int) -> np.ndarray:
+        """Where each stratum's segment starts in a window of ``rows`` rows (one entry more)."""
+        sizes = [sum(self.stratum_pieces(rows, j)) for j in range(self.strata)]
+        return np.cumsum([0, *sizes])
 
     def my_strata(self) -> range:
         if self.share is None:
@@ -125,10 +128,9 @@ class StreamReader(Reader):
         out = []
         for window, start in enumerate(range(0, n_rows, self.window_rows)):
             size = min(self.window_rows, n_rows - start)
-            offsets = np.cumsum([0, *self.stratum_sizes(size)])
-            out.append(
-                Segment(epoch, window, start + offsets[mine.start], start + offsets[mine.stop])
-            )
+            offsets = self.stratum_offsets(size)
+            mine_start, mine_stop = start + offsets[mine.start], start + offsets[mine.stop]
+            out.append(Segment(epoch, window, size, int(mine_start), int(mine_stop)))
         return out
 
     # decoding ----------------------------------------------------------------------------
@@ -168,20 +170,17 @@ class StreamReader(Reader):
 
     # batches -----------------------------------------------------------------------------
 
-    def _batch_rows(self, segment: Segment, size: int, device: torch.device) -> list[torch.Tensor]:
+    def _batch_rows(self, segment: Segment, device: torch.device) -> list[torch.Tensor]:
         """Row indices into the segment's buffer, one tensor per batch of the window."""
-        sizes = self.stratum_sizes(size)
-        offsets = np.cumsum([0, *sizes])
+        offsets = self.stratum_offsets(segment.window_rows)
         mine = self.my_strata()
-        full, rest = divmod(size, self.batch_size)
         pieces = []  # per stratum: its permuted rows, cut into its piece of each batch
         for j in mine:
+            cuts = self.stratum_pieces(segment.window_rows, j)
             salt = segment.window * self.strata + j + 1
             generator = seeded_generator(self.seed, segment.epoch, salt)
-            order = torch.randperm(sizes[j], generator=generator)
+            order = torch.randperm(sum(cuts), generator=generator)
             order += int(offsets[j] - offsets[mine.start])
-            cuts = [_length(rank_rows(self.batch_size, j, self.strata))] * full
-            cuts += [_length(rank_rows(rest, j, self.strata))] if rest else []
             pieces.append(torch.split(order, cuts))
         return [torch.cat(parts).to(device) for parts in zip(*pieces, strict=True)]
 
@@ -203,8 +202,7 @@ class StreamReader(Reader):
                 if following:
                     self._submit(following[0])
             buffer = self._ahead.pop(segment).result()
-            size = min(self.window_rows, n_rows - segment.window * self.window_rows)
-            rows = self._batch_rows(segment, size, buffer.device)[skip_in_window:]
+            rows = self._batch_rows(segment, buffer.device)[skip_in_window:]
             skip_in_window = 0
             gathers = (partial(self._gather, buffer, index) for index in rows)
             if self.gather_ahead:  # gathered (and pinned) in threads while the step runs
