@@ -297,3 +297,9 @@ def test_concurrent_memmap_loaders_decode_the_split_once(store, decoded_dir):
     assert len(built) == 1
     assert sorted(loader.reader.built for loader in loaders) == [False, True]
     assert not list(decoded_dir.rglob("*.lock"))
+
+
+def test_stream_strata_must_divide_among_the_ranks(store):
+    refusal = r"^run.stream_strata: 3 is not a multiple of the 2 ranks$"
+    with pytest.raises(ValueError, match=refusal):
+        ActivationLoader(store, batch_size=16, mode="stream", share=(0, 2), stream_strata=3)

@@ -157,3 +157,21 @@ def test_bad_coder_section_names_the_field(cache_root, tmp_path):
     result = CliRunner().invoke(main, ["train", str(coder)])
     assert result.exit_code == 1
     assert "field 'coder." in result.output
+
+
+def test_stream_strata_beyond_the_batch_is_a_one_line_error(cache_root, tmp_path):
+    key = next(p.name for p in cache_root.iterdir() if p.is_dir())
+    coder = tmp_path / "c.yaml"
+    coder.write_text(
+        f"name: x\ncache: {{key: {key}, root: {cache_root}}}\n"
+        "coder: {kind: crosscoder, n_latents: 8, activation: topk, k: 2}\n"
+        "training: {tokens: 64, batch_size: 2}\n"
+        f"run: {{loader_mode: stream, stream_strata: 3, runs_root: {tmp_path / 'runs'}}}\n"
+    )
+    result = CliRunner().invoke(main, ["train", str(coder)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert errors == [
+        "Error: run.stream_strata: 3 strata need a batch of at least that many rows "
+        "(training.batch_size is 2)"
+    ], result.output
