@@ -12,7 +12,9 @@
    the split, as in training. ``<coder>_<mode>_work_per_step`` is the mode's own work for
    one batch (resident, memmap: a batch at the mode's rows/s; stream: the split's
    decode-only time over the epoch's steps) as a share of a device-fed step: on a CPU that
-   work runs on the step's own cores, so ``1 / (1 + share)`` is what it alone would cost;
+   work runs on the step's own cores, so ``1 / (1 + share)`` is what it alone would cost.
+   ``--inline-ab`` also times resident and memmap gathering in the step's own thread
+   (``<coder>_<mode>_inline_vs_device``): the threads' default is checked, not assumed;
 4. stream under torchrun: the rows each of 2, 4 and 8 ranks decodes per epoch, as a share
    of one process's (from the epoch's plan; each rank decodes its strata's segments);
 5. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
@@ -179,12 +181,17 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=2)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--workers", type=int, default=2, help="loader decode threads")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    parser.add_argument("--rounds", type=int, default=6, help="interleaved rounds (medians)")
     parser.add_argument("--quality-batches", type=int, default=20)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
         "--gpu-decode", action="store_true", help="also the stream mode on decode: gpu"
+    )
+    parser.add_argument(
+        "--inline-ab",
+        action="store_true",
+        help="also time resident and memmap gathering inline, in the step's thread",
     )
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
@@ -290,6 +297,11 @@ def main() -> None:
             yield from synthetic
 
     feeds = {mode: (lambda each=each: endless(each)) for mode, each in loaders.items()}
+    inline_modes = ("resident_inline", "memmap_inline") if args.inline_ab else ()
+    for name in inline_modes:  # the same batches, gathered in the consumer's thread
+        inline = loader(name.removesuffix("_inline"), gather_ahead=0)
+        loaders[name] = inline
+        feeds[name] = lambda each=inline: endless(each)
     # a stream epoch decodes the split once, overlapped with the steps: its rate is only
     # meaningful over a whole epoch (10 steps would sit beside a whole epoch's decode)
     epoch_steps = -(-stream.n_tokens // args.batch)
@@ -310,7 +322,7 @@ def main() -> None:
     for coder_name in ("crosscoder", "fmxcoder"):
         device_rate = statistics.median(on_device[coder_name])
         figures[f"{coder_name}_steps_per_s_from_device"] = device_rate
-        for mode in MODES + extra_modes:
+        for mode in MODES + extra_modes + inline_modes:
             figures[f"{coder_name}_{mode}_vs_device"] = statistics.median(
                 ratios[f"{coder_name}_{mode}"]
             )

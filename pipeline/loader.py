@@ -127,6 +127,7 @@ class ActivationLoader:
         decode: str = "cpu",
         share: tuple[int, int] | None = None,
         stream_strata: int | None = None,
+        gather_ahead: int | None = None,
     ) -> None:
         self.store = store
         self.batch_size = batch_size
@@ -165,6 +166,7 @@ class ActivationLoader:
             if self.outliers is not None and self.outliers.rows.size:
                 print(f"loader: excluded {self.outliers.summary()}")
         self.stream_strata = stream_strata
+        self.gather_ahead = gather_ahead
         self.reader = self._reader(workers, window_bytes, buffer_chunks)
 
     def _decoder(self, decode: str, workers: int) -> ChunkDecoder:
@@ -187,6 +189,8 @@ class ActivationLoader:
             "device": self.device,
             "share": self.share,
         }
+        if self.gather_ahead is not None:  # else each reader's own default
+            common["gather_ahead"] = self.gather_ahead
         if self.mode == "resident":
             return ResidentReader(self.decoder, self.normaliser, **common)
         if self.mode == "memmap":
@@ -227,6 +231,7 @@ class ActivationLoader:
             "mode": self.mode,
             "reason": self.choice.reason,
             "decode": self.decode,
+            "gather_ahead": self.reader.gather_ahead,
             **excluded,
             **self.reader.describe(),
         }

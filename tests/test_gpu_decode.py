@@ -228,7 +228,7 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
     out = tmp_path / "train.json"
     args = ["--harvest", str(manifest), "--device", "cpu", "--gpu-decode", "--out", str(out)]
     args += ["--latents", "64", "--k", "4", "--batch", "64", "--steps", "2", "--rounds", "1"]
-    args += ["--quality-batches", "2"]
+    args += ["--quality-batches", "2", "--inline-ab"]
     wrapper = tmp_path / "run.py"
     wrapper.write_text(
         "import runpy, sys\n"
@@ -257,6 +257,7 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
         "crosscoder_stream_gpu_decode_vs_device",
         "fmxcoder_stream_gpu_decode_vs_device",
         "stream_gpu_decode_shuffle_quality",
+        "crosscoder_memmap_inline_vs_device",
     ):
         assert figures[key] > 0, key
 

@@ -256,12 +256,14 @@ def test_stream_look_ahead_serves_the_same_next_epoch(store):
         assert torch.equal(a, b)
 
 
-def test_stream_gathering_ahead_serves_the_same_batches(store):
-    """The CUDA default (batches gathered in a thread ahead of the step) changes nothing."""
-    common = {"batch_size": 96, "mode": "stream", "buffer_chunks": 2, "seed": 4}
-    inline, ahead = ActivationLoader(store, **common), ActivationLoader(store, **common)
-    ahead.reader.gather_ahead = 4
-    assert inline.reader.gather_ahead == 0
+@pytest.mark.parametrize("mode", MODES)
+def test_gathering_ahead_serves_the_same_batches(store, decoded_dir, mode):
+    """Batches gathered in a thread ahead of the step and gathered inline (stream's CPU
+    default) are the same batches, resume included."""
+    common = {"batch_size": 96, "mode": mode, "buffer_chunks": 2, "seed": 4}
+    inline = ActivationLoader(store, gather_ahead=0, **common)
+    ahead = ActivationLoader(store, gather_ahead=4, **common)
+    assert (inline.reader.gather_ahead, ahead.reader.gather_ahead) == (0, 4)
     for epoch in (0, 1):
         got = list(ahead.epoch(epoch, skip_batches=epoch))
         want = list(inline.epoch(epoch, skip_batches=epoch))

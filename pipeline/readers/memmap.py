@@ -2,9 +2,10 @@
 
 Each batch is a slice of a seeded permutation of all rows, sorted so the gather walks the
 file forward (a sorted gather from page cache ran at ~0.5-1x a sequential read, STORAGE.md);
-``workers`` threads gather ``prefetch`` batches ahead of the consumer. On CUDA a batch is
-staged in pinned memory and copied without blocking, then normalised on the device; on the
-CPU the gathering thread also widens bf16 bits and normalises, so the consumer only waits.
+``workers`` threads gather ``gather_ahead`` batches ahead of the consumer. On CUDA a batch
+is staged in pinned memory and copied without blocking, then normalised on the device; on
+the CPU the gathering thread also widens bf16 bits and normalises in numpy, so the consumer
+only waits (gathering inline instead was no faster: bench/gather_ahead.py).
 """
 
 from __future__ import annotations
@@ -40,18 +41,19 @@ class MemmapReader(Reader):
         seed: int,
         device: torch.device,
         workers: int = 2,
-        prefetch: int = 4,
+        gather_ahead: int = 4,
         share: tuple[int, int] | None = None,
     ) -> None:
         self.file = decoded_file.decoded_file_for(decoder, split)
         self.built = decoded_file.ensure(self.file, decoder, split)
-        self.data = self.file.open()
+        # a plain ndarray over the mapping: gathers skip np.memmap's subclass wrapping (20%)
+        self.data = np.asarray(self.file.open())
         self.dtype = decoder.store.dtype
         self.normaliser = normaliser
         self.batch_size = batch_size
         self.seed = seed
         self.device = device
-        self.prefetch = max(1, prefetch)
+        self.gather_ahead = gather_ahead
         self.share = share
         self.pool = ThreadPoolExecutor(max_workers=max(1, workers))
 
@@ -73,7 +75,7 @@ class MemmapReader(Reader):
         order = order.numpy()
         starts = range(skip_batches * self.batch_size, order.size, self.batch_size)
         tasks = (partial(self._gather, order[start : start + self.batch_size]) for start in starts)
-        for batch in prefetched(self.pool, tasks, self.prefetch):
+        for batch in prefetched(self.pool, tasks, self.gather_ahead):
             if self.device.type == "cpu":
                 yield batch
             else:

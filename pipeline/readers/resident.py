@@ -33,6 +33,7 @@ class ResidentReader(Reader):
         seed: int,
         device: torch.device,
         share: tuple[int, int] | None = None,
+        gather_ahead: int = 4,
     ) -> None:
         self.decoder = decoder
         self.normaliser = normaliser
@@ -41,6 +42,7 @@ class ResidentReader(Reader):
         self.device = device
         self.share = share
         self._data: torch.Tensor | None = None
+        self.gather_ahead = gather_ahead
         self.pool = ThreadPoolExecutor(max_workers=2)
 
     def data(self) -> torch.Tensor:
@@ -63,8 +65,9 @@ class ResidentReader(Reader):
         if self.device.type != "cpu":  # queued on the device: nothing to overlap here
             yield from map(batch, starts)
             return
-        # on the CPU, gather and normalise in threads while the consumer steps, in numpy:
-        # one core per thread, no OpenMP team beside the step's
+        # on the CPU, gather and normalise in threads while the step runs, in numpy (one
+        # core per thread, no OpenMP team of its own); gathering inline was no faster
+        # (bench/gather_ahead.py)
         host, dtype = storage_numpy(data), self.decoder.store.dtype
 
         def host_batch(start: int) -> torch.Tensor:
@@ -72,7 +75,8 @@ class ResidentReader(Reader):
             self.rows_read += len(rows)
             return self.normaliser.apply_host_(bits_to_float32(host[rows], dtype))
 
-        yield from prefetched(self.pool, (partial(host_batch, start) for start in starts), 4)
+        tasks = (partial(host_batch, start) for start in starts)
+        yield from prefetched(self.pool, tasks, self.gather_ahead)
 
     def close(self) -> None:
         self._data = None

@@ -63,6 +63,7 @@ class StreamReader(Reader):
         window_rows: int,
         share: tuple[int, int] | None = None,
         strata: int | None = None,
+        gather_ahead: int | None = None,
     ) -> None:
         self.decoder = decoder
         self.normaliser = normaliser
@@ -87,8 +88,11 @@ class StreamReader(Reader):
         self.gatherers = ThreadPoolExecutor(max_workers=1)
         # batches gathered (and pinned) ahead of a CUDA consumer, so the device never waits
         # for the host; a CPU consumer gathers inline: on 2 shared cores a gathering thread
-        # only competes with the step (crosscoder stream/device 0.48 with it, 0.68 without)
-        self.gather_ahead = 4 if device.type == "cuda" else 0
+        # beside the window's decode only competes with the step (crosscoder stream/device
+        # 0.48 with it, 0.68 without)
+        if gather_ahead is None:
+            gather_ahead = 4 if device.type == "cuda" else 0
+        self.gather_ahead = gather_ahead
         self._ahead: dict[Segment, Future] = {}
 
     # the plan: pure index arithmetic, the same on every rank ----------------------------
@@ -205,11 +209,7 @@ class StreamReader(Reader):
             rows = self._batch_rows(segment, buffer.device)[skip_in_window:]
             skip_in_window = 0
             gathers = (partial(self._gather, buffer, index) for index in rows)
-            if self.gather_ahead:  # gathered (and pinned) in threads while the step runs
-                gathers = prefetched(self.gatherers, gathers, self.gather_ahead)
-            else:
-                gathers = (gather() for gather in gathers)
-            for batch in gathers:
+            for batch in prefetched(self.gatherers, gathers, self.gather_ahead):
                 yield self._to_device(batch)
 
     def describe(self) -> dict:
