@@ -5,7 +5,7 @@ file forward (a sorted gather from page cache ran at ~0.5-1x a sequential read, 
 ``workers`` threads gather ``gather_ahead`` batches ahead of the consumer. On CUDA a batch
 is staged in pinned memory and copied without blocking, then normalised on the device; on
 the CPU the gathering thread also widens bf16 bits and normalises in numpy, so the consumer
-only waits (gathering inline instead was no faster: bench/gather_ahead.py).
+only waits (gathering inline instead was no faster: ``bench/train.py --inline-ab``).
 """
 
 from __future__ import annotations

@@ -66,8 +66,8 @@ class ResidentReader(Reader):
             yield from map(batch, starts)
             return
         # on the CPU, gather and normalise in threads while the step runs, in numpy (one
-        # core per thread, no OpenMP team of its own); gathering inline was no faster
-        # (bench/gather_ahead.py)
+        # core per thread, no OpenMP team of its own); gathering inline was not consistently
+        # faster, within the noise of bench/train.py --inline-ab
         host, dtype = storage_numpy(data), self.decoder.store.dtype
 
         def host_batch(start: int) -> torch.Tensor:
