@@ -14,7 +14,8 @@
    decode-only time over the epoch's steps) as a share of a device-fed step: on a CPU that
    work runs on the step's own cores, so ``1 / (1 + share)`` is what it alone would cost.
    ``--inline-ab`` also times resident and memmap gathering in the step's own thread
-   (``<coder>_<mode>_inline_vs_device``): the threads' default is checked, not assumed;
+   (``<coder>_<mode>_inline_vs_device``): the threads' default is checked, not assumed.
+   ``..._vs_device_round_sd`` is the ratio's spread over rounds (one sample's noise);
 4. stream under torchrun: the rows each of 2, 4 and 8 ranks decodes per epoch, as a share
    of one process's (from the epoch's plan; each rank decodes its strata's segments);
 5. with ``--gpu-decode`` (CUDA, a store harvested with ``storage: {codec: zstd-gpu}``): the
@@ -323,9 +324,11 @@ def main() -> None:
         device_rate = statistics.median(on_device[coder_name])
         figures[f"{coder_name}_steps_per_s_from_device"] = device_rate
         for mode in MODES + extra_modes + inline_modes:
-            figures[f"{coder_name}_{mode}_vs_device"] = statistics.median(
-                ratios[f"{coder_name}_{mode}"]
-            )
+            samples = ratios[f"{coder_name}_{mode}"]
+            figures[f"{coder_name}_{mode}_vs_device"] = statistics.median(samples)
+            # one round's spread: how far apart two settings must be to differ
+            spread = statistics.stdev(samples) if len(samples) > 1 else 0.0
+            figures[f"{coder_name}_{mode}_vs_device_round_sd"] = spread
         for mode in MODES:  # the loader's own work per batch, as a share of a device-fed step
             # stream: its decode of the split spread over the epoch's steps; the others: a
             # batch at the mode's own rate

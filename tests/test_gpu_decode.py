@@ -260,6 +260,7 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
         "crosscoder_memmap_inline_vs_device",
     ):
         assert figures[key] > 0, key
+    assert figures["crosscoder_stream_vs_device_round_sd"] == 0.0  # one round: no spread
 
 
 def test_nvcomp_pin_follows_the_cuda_major_version():
