@@ -39,8 +39,8 @@ from vs_saelens import SAELENS_VENV, _clean_env, ensure_saelens_venv
 
 from pipeline.checkpoint import load_coder
 from pipeline.export import dictionary_learning_forward, export_run, saelens_forward
-from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import split_rows
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.run_record import read_record
 from pipeline.store import ActivationStore
 from pipeline.train_manifest import CoderManifest

@@ -41,7 +41,7 @@ import torch
 import zarr
 from common import device_name, load_average, sync
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel, load_model, resolve_device
 from pipeline.store import ActivationStore
 from pipeline.store_format import TORCH_STORAGE

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from common import device_name, load_average, sync
 
-from pipeline.harvest_manifest import StorageSpec, load_harvest_manifest
+from pipeline.manifests.harvest import StorageSpec, load_harvest_manifest
 from pipeline.models import resolve_device
 from pipeline.paths import StorePaths
 from pipeline.readers import ChunkDecoder, gpu_decode

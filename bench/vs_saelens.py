@@ -46,8 +46,8 @@ import pyarrow.parquet as pq
 import torch
 from common import cpu_model, load_average
 
-from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import _local_dir
 from pipeline.store import ActivationStore
 from pipeline.store_format import tree_bytes

@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache_key import hash_material
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel
 from pipeline.paths import StorePaths
 from pipeline.store_format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import model_identity
 from pipeline.text_sources import source_identity
 

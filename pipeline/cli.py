@@ -148,7 +148,7 @@ def harvest(
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml
       pipeline harvest manifests/harvest/smollm2-wiki-smoke.yaml --scheduler local:2
     """
-    from pipeline.harvest_manifest import load_harvest_manifest
+    from pipeline.manifests.harvest import load_harvest_manifest
     from stages import harvest as harvest_stage
 
     spec = load_harvest_manifest(manifest)
@@ -490,7 +490,7 @@ def _open_spectrum_cache(cache: str, cache_root: Path | None):
     path = Path(cache)
     if path.is_file():
         from pipeline.cache_key import cache_key
-        from pipeline.harvest_manifest import load_harvest_manifest
+        from pipeline.manifests.harvest import load_harvest_manifest
 
         harvest = load_harvest_manifest(path)
         if cache_root is None and harvest.run.cache_root:

@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.harvest_manifest import HarvestManifest, Strict, load_harvest_manifest
-from pipeline.manifest_io import ManifestError, load_manifest, validate
+from pipeline.manifests.harvest import HarvestManifest, Strict, load_harvest_manifest
+from pipeline.manifests.io import ManifestError, load_manifest, validate
 from pipeline.train_manifest import CoderManifest, check_coder_section
 
 # Known shapes (n_layers, d_model), so coder sections are checked before any harvest.

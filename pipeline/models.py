@@ -16,7 +16,7 @@ import torch
 from filelock import FileLock
 
 from pipeline.assets import GEMMA3_270M, SMOLLM2, asset_identity, packaged_gguf, sha256_file
-from pipeline.harvest_manifest import HookSpec, ModelSpec
+from pipeline.manifests.harvest import HookSpec, ModelSpec
 from pipeline.paths import models_dir
 
 # Each a GGUF shipped on PyPI; two families (Llama, Gemma 3) so findings are not one model's.

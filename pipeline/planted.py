@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from pipeline.harvest_manifest import HarvestManifest, PlantedSpec, TokenizationSpec
+from pipeline.manifests.harvest import HarvestManifest, PlantedSpec, TokenizationSpec
 from pipeline.windows import TokenWindows
 
 KINDS = ("single", "spanning", "cooccurring")

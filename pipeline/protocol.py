@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal, get_args
 
 from pipeline.experiment_manifest import ExperimentManifest, deep_merge
-from pipeline.manifest_io import validate
+from pipeline.manifests.io import validate
 from pipeline.paths import RunPaths
 from pipeline.train_manifest import CoderManifest
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.harvest_manifest import StorageSpec
+from pipeline.manifests.harvest import StorageSpec
 
 NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
 TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -19,7 +19,7 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from pipeline.harvest_manifest import StorageSpec
+from pipeline.manifests.harvest import StorageSpec
 from pipeline.paths import StorePaths
 from pipeline.store_format import (
     NUMPY_STORAGE,

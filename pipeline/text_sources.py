@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.assets import WIKI_SUMMARIES, sha256_file, wiki_summaries_file
-from pipeline.harvest_manifest import TextSpec
+from pipeline.manifests.harvest import TextSpec
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from pipeline.cache_key import canonical_json
-from pipeline.harvest_manifest import Strict
-from pipeline.manifest_io import (
+from pipeline.manifests.harvest import Strict
+from pipeline.manifests.io import (
     ManifestError,
     describe_validation_error,
     load_manifest,

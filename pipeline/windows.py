@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.harvest_manifest import TokenizationSpec
+from pipeline.manifests.harvest import TokenizationSpec
 from pipeline.text_sources import Document
 from pipeline.token_text import decode_pieces, tokenize_with_pieces
 

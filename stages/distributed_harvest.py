@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from pipeline.block_harvest import create_store, harvest_blocks
 from pipeline.cache_key import hash_material
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import StorePaths
 from pipeline.store_writer import StoreWriter

@@ -18,8 +18,8 @@ from pathlib import Path
 from pipeline.evaluation.results import run_id
 from pipeline.experiment_manifest import ExperimentManifest, load_experiment, variant_manifests
 from pipeline.frontier import plot_frontier, slug
-from pipeline.harvest_manifest import load_harvest_manifest
-from pipeline.manifest_io import ManifestError
+from pipeline.manifests.harvest import load_harvest_manifest
+from pipeline.manifests.io import ManifestError
 from pipeline.paths import ExperimentPaths, ReportPaths
 from pipeline.protocol import (
     PlannedRun,

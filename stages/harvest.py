@@ -15,9 +15,9 @@ from pathlib import Path
 
 from pipeline.block_harvest import create_store, harvest_blocks
 from pipeline.cache_key import hash_material, key_material
-from pipeline.harvest_manifest import HarvestManifest
 from pipeline.locks import exclusive_lock
-from pipeline.manifest_io import check_device, check_writable_dir
+from pipeline.manifests.harvest import HarvestManifest
+from pipeline.manifests.io import check_device, check_writable_dir
 from pipeline.models import load_model
 from pipeline.paths import (
     StorePaths,

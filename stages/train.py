@@ -29,10 +29,10 @@ from pipeline.catalog import find_store, write_run_name
 from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.ddp import init_from_env
-from pipeline.harvest_manifest import load_harvest_manifest
 from pipeline.loader import ActivationLoader, split_rows
 from pipeline.locks import exclusive_lock
-from pipeline.manifest_io import ManifestError, check_device, check_writable_dir
+from pipeline.manifests.harvest import load_harvest_manifest
+from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
 from pipeline.models import resolve_device
 from pipeline.outliers import excluded_rows, outlier_scan
 from pipeline.paths import RunPaths, default_runs_root, run_dir

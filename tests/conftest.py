@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from stages import harvest
 
 REPO = Path(__file__).resolve().parents[1]

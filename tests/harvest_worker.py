@@ -47,7 +47,7 @@ def main() -> None:
 
     import transformer_lens.model_bridge  # noqa: F401  (slow import: before the barrier)
 
-    from pipeline.harvest_manifest import HarvestManifest
+    from pipeline.manifests.harvest import HarvestManifest
     from stages import harvest
 
     if args.block_delay:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from stages import harvest
 
 TINY = {

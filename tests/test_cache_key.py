@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cache_key import cache_key, hash_material, key_material
-from pipeline.harvest_manifest import HarvestManifest, load_harvest_manifest
+from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from tests.conftest import TINY_MANIFEST_FILE
 
 # Pinned: if one of these moves, every existing cache is orphaned. Change them only on

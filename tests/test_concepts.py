@@ -130,7 +130,7 @@ def test_token_classes_one_class_per_row(gazetteer: Gazetteer) -> None:
 
 def test_real_token_table_from_build_windows(gazetteer: Gazetteer) -> None:
     """The harvest's own token table (byte-level tokenizer, BOS every 16 rows)."""
-    from pipeline.harvest_manifest import TokenizationSpec
+    from pipeline.manifests.harvest import TokenizationSpec
     from pipeline.text_sources import Document
     from pipeline.tiny_model import byte_level_tokenizer
     from pipeline.windows import build_windows

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.evaluation.results import run_id
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import EvaluationPaths, ReportPaths, RunPaths
 from pipeline.train_manifest import CoderManifest
 from stages import evaluate, harvest, train

@@ -11,7 +11,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import ReportPaths
 from pipeline.train_manifest import CoderManifest
 from stages import evaluate, harvest, train

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.experiment_manifest import load_experiment
-from pipeline.manifest_io import ManifestError
+from pipeline.manifests.io import ManifestError
 from stages import experiment
 
 REPO = Path(__file__).resolve().parents[1]

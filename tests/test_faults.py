@@ -25,7 +25,7 @@ from pipeline.cli import main
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.experiment_manifest import load_experiment
 from pipeline.locks import LockedError, exclusive_lock
-from pipeline.manifest_io import ManifestError
+from pipeline.manifests.io import ManifestError
 from pipeline.paths import RunPaths, StorePaths
 from pipeline.store import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.harvest_manifest import HarvestManifest
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import load_model, model_identity
 from pipeline.store import ActivationStore
 from stages import harvest

@@ -17,8 +17,8 @@ from pydantic import ValidationError
 
 from pipeline import store_format
 from pipeline.cache_key import cache_key
-from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader, split_rows
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.readers import ChunkDecoder, Normaliser, gpu_decode
 from pipeline.store import ActivationStore
 from pipeline.train_manifest import TrainRunSpec

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from pipeline.cache_key import cache_key, hash_material
 from pipeline.cli import main
-from pipeline.harvest_manifest import HarvestManifest, load_harvest_manifest
+from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from pipeline.models import load_model
 from pipeline.paths import StorePaths, incomplete_store_dir
 from pipeline.store import ActivationStore, StoreError

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.harvest_manifest import HarvestManifest
 from pipeline.loader import ActivationLoader, Normaliser, split_rows
+from pipeline.manifests.harvest import HarvestManifest
 from pipeline.store import ActivationStore
 from pipeline.store_format import from_storage_numpy
 from stages import harvest

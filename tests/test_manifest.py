@@ -9,8 +9,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.harvest_manifest import HarvestManifest, load_harvest_manifest
-from pipeline.manifest_io import ManifestError
+from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
+from pipeline.manifests.io import ManifestError
 from tests.conftest import TINY_MANIFEST_FILE
 
 # (manifest text, dotted field the message must name, text the message must hold)

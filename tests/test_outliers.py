@@ -172,7 +172,7 @@ def test_spectrum_cli_reads_the_kept_tokens_and_says_what_it_dropped(tiny_store,
 
 
 def test_a_ratio_at_or_below_one_is_a_one_line_error_naming_the_field():
-    from pipeline.manifest_io import ManifestError, validate
+    from pipeline.manifests.io import ManifestError, validate
     from pipeline.train_manifest import CoderManifest
 
     data = {"name": "x", "cache": {"key": "abc"}, "coder": {"kind": "crosscoder"}}

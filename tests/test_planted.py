@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from pipeline.cache_key import cache_key
-from pipeline.harvest_manifest import HarvestManifest, PlantedSpec
-from pipeline.manifest_io import ManifestError, validate
+from pipeline.manifests.harvest import HarvestManifest, PlantedSpec
+from pipeline.manifests.io import ManifestError, validate
 from pipeline.planted import (
     KINDS,
     PlantedGenerator,

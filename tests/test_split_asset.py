@@ -23,7 +23,7 @@ from pipeline.assets import (
     asset_identity,
     ensure_split_file,
 )
-from pipeline.harvest_manifest import ModelSpec
+from pipeline.manifests.harvest import ModelSpec
 from pipeline.models import ModelError, model_identity
 
 PIECES = [b"first piece ", b"second piece ", b"third"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from pipeline.harvest_manifest import HookSpec, ModelSpec, TextSpec, TokenizationSpec
+from pipeline.manifests.harvest import HookSpec, ModelSpec, TextSpec, TokenizationSpec
 from pipeline.models import ModelError, load_model
 from pipeline.text_sources import TextSourceError, load_documents
 from pipeline.tiny_model import byte_level_tokenizer

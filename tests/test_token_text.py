@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.harvest_manifest import TokenizationSpec
+from pipeline.manifests.harvest import TokenizationSpec
 from pipeline.text_sources import Document
 from pipeline.tiny_model import byte_level_tokenizer
 from pipeline.token_text import decode_pieces, pieces_from_offsets, tokenize_with_pieces

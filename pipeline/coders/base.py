@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from pipeline.coders.activations import ActivationKind, auxk_loss, build_activation, l1_penalty
 from pipeline.coders.factorized import WeightView
-from pipeline.harvest_manifest import kind_problem
+from pipeline.manifests.harvest import kind_problem
 
 # Dead-latent window when a run does not set one: at most 10M tokens, at least one batch,
 # else a tenth of the run, so AuxK acts in short runs too (resolve_dead_after_tokens).

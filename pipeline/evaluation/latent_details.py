@@ -321,7 +321,7 @@ def judge_backend(kind: str) -> ChatBackend | None:
     if kind == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from pipeline.harvest_manifest import ModelSpec
+        from pipeline.manifests.harvest import ModelSpec
         from pipeline.models import _local_dir
 
         local = _local_dir(ModelSpec(source="packaged", name="smollm2-135m"))

@@ -164,7 +164,7 @@ def planted_truth(store_manifest: dict) -> tuple[PlantedFeatures, list[int]] | N
     Regenerated from the harvest manifest saved in the store (the generator is
     deterministic in it), so nothing besides the normal store files is needed.
     """
-    from pipeline.harvest_manifest import HarvestManifest
+    from pipeline.manifests.harvest import HarvestManifest
     from pipeline.planted import hook_layers, planted_features
 
     manifest = HarvestManifest.model_validate(store_manifest["manifest"])

@@ -27,7 +27,7 @@ def store_decode(model_spec: dict) -> Decode | None:
     try:
         from transformers import AutoTokenizer
 
-        from pipeline.harvest_manifest import ModelSpec
+        from pipeline.manifests.harvest import ModelSpec
         from pipeline.models import _local_dir
 
         local = _local_dir(ModelSpec.model_validate(model_spec))
