@@ -36,8 +36,8 @@ from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from pipeline.models import resolve_device
 from pipeline.paths import RunPaths
-from pipeline.store import ActivationStore
-from pipeline.store_format import atomic_write_json
+from pipeline.store.format import atomic_write_json
+from pipeline.store.reader import ActivationStore
 from pipeline.train_manifest import CoderManifest
 from stages import evaluate, harvest
 

@@ -42,7 +42,7 @@ from pipeline.export import dictionary_learning_forward, export_run, saelens_for
 from pipeline.loader import split_rows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.run_record import read_record
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from pipeline.train_manifest import CoderManifest
 from stages import harvest, train
 

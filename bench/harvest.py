@@ -43,8 +43,8 @@ from common import device_name, load_average, sync
 
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel, load_model, resolve_device
-from pipeline.store import ActivationStore
-from pipeline.store_format import TORCH_STORAGE
+from pipeline.store.format import TORCH_STORAGE
+from pipeline.store.reader import ActivationStore
 from pipeline.text_sources import load_documents
 from pipeline.windows import build_windows
 from stages import harvest

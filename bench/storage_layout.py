@@ -27,9 +27,9 @@ from pipeline.manifests.harvest import StorageSpec, load_harvest_manifest
 from pipeline.models import resolve_device
 from pipeline.paths import StorePaths
 from pipeline.readers import ChunkDecoder, gpu_decode
-from pipeline.store import ActivationStore
-from pipeline.store_format import from_storage_numpy, gpu_frame_rows
-from pipeline.store_writer import StoreWriter, write_completion
+from pipeline.store.format import from_storage_numpy, gpu_frame_rows
+from pipeline.store.reader import ActivationStore
+from pipeline.store.writer import StoreWriter, write_completion
 from stages import harvest
 
 LAYOUTS = ("zstd", "zstd-gpu")

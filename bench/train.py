@@ -45,7 +45,7 @@ from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.models import resolve_device
 from pipeline.readers.base import bits_to_float32
 from pipeline.readers.stream import StreamReader
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from stages import harvest
 
 MODES = ("resident", "memmap", "stream")

@@ -49,8 +49,8 @@ from common import cpu_model, load_average
 from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import _local_dir
-from pipeline.store import ActivationStore
-from pipeline.store_format import tree_bytes
+from pipeline.store.format import tree_bytes
+from pipeline.store.reader import ActivationStore
 from stages import harvest
 
 REPO = Path(__file__).resolve().parents[1]

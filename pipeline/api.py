@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.catalog import find_run, find_store
 from pipeline.loader import ActivationLoader, Normaliser
-from pipeline.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
 from pipeline.run_record import RunRecord, load_record
-from pipeline.store import ActivationStore
+from pipeline.store.catalog import find_run, find_store
+from pipeline.store.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
+from pipeline.store.reader import ActivationStore
 
 
 class ActivationDataset(IterableDataset):
@@ -142,7 +142,7 @@ class Store:
         outlier_ratio: float | None = DEFAULT_RATIO,
     ) -> Normaliser:
         """The per-layer normalisation training uses (``apply`` / ``invert``), over the
-        tokens training keeps (``pipeline.outliers``; None: every token)."""
+        tokens training keeps (``pipeline.store.outliers``; None: every token)."""
         outliers = outlier_scan(self._store, outlier_ratio)
         return Normaliser.from_store(self._store, layers or self.layers, centre, outliers)
 

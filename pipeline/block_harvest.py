@@ -18,8 +18,8 @@ from pipeline.cache_key import hash_material
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel
 from pipeline.paths import StorePaths
-from pipeline.store_format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet
-from pipeline.store_writer import StoreWriter
+from pipeline.store.format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet
+from pipeline.store.writer import StoreWriter
 from pipeline.windows import TokenWindows
 
 

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from pipeline.assets import sha256_file
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
-from pipeline.store_format import atomic_write, atomic_write_json, safetensors_bytes
+from pipeline.store.format import atomic_write, atomic_write_json, safetensors_bytes
 
 WEIGHTS_FILE = "coder.safetensors"
 CONFIG_FILE = "coder.json"

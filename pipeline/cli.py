@@ -18,9 +18,9 @@ import click
 BUILTIN_USER_ERRORS = (FileNotFoundError, ValueError)
 # Raised only by modules a command has already imported, so looked up there, not imported.
 LAZY_USER_ERRORS = (
-    ("pipeline.store", "StoreError"),
+    ("pipeline.store.reader", "StoreError"),
     ("pipeline.assets", "AssetError"),
-    ("pipeline.locks", "LockedError"),
+    ("pipeline.store.locks", "LockedError"),
 )
 
 
@@ -176,7 +176,7 @@ def list_caches(cache_root: Path | None) -> None:
     Example:
       pipeline ls --cache-root /scratch/fmx
     """
-    from pipeline.catalog import list_stores
+    from pipeline.store.catalog import list_stores
 
     rows = list_stores(cache_root)
     if not rows:
@@ -204,7 +204,7 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
     Example:
       pipeline show 8cdf9041252243f5 --verify
     """
-    from pipeline.catalog import find_store
+    from pipeline.store.catalog import find_store
 
     store = find_store(key, cache_root, verify=verify)
     click.echo(json.dumps(store.manifest["manifest"], indent=2))
@@ -259,7 +259,7 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
 
 def resolve_runs(targets: tuple[str, ...], runs_root: Path | None = None) -> list[Path]:
     """Paths as given; anything else is a run's name or hash prefix (``pipeline runs``)."""
-    from pipeline.catalog import find_run
+    from pipeline.store.catalog import find_run
 
     return [Path(t) if Path(t).exists() else find_run(t, runs_root) for t in targets]
 
@@ -431,7 +431,7 @@ def list_runs(runs_root: Path | None) -> None:
       pipeline runs
       pipeline export smoke-per-layer-sae --format saelens exported/
     """
-    from pipeline.catalog import list_runs as catalog_runs
+    from pipeline.store.catalog import list_runs as catalog_runs
 
     rows = catalog_runs(runs_root)
     if not rows:
@@ -485,7 +485,7 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
 
 def _open_spectrum_cache(cache: str, cache_root: Path | None):
     """A store from a key, a key prefix, or a harvest manifest's path."""
-    from pipeline.catalog import find_store
+    from pipeline.store.catalog import find_store
 
     path = Path(cache)
     if path.is_file():
@@ -582,7 +582,7 @@ def spectrum(
         return
     click.echo(f"cache {store.key}  layers {len(chosen)}  tokens {n_tokens:,}  centre {centre}")
     if ratio is not None:
-        from pipeline.outliers import outlier_scan
+        from pipeline.store.outliers import outlier_scan
 
         click.echo(f"excluded: {outlier_scan(store, ratio).summary()}")
     click.echo(f"{'rank':>6}{'share':>10}{'floor FVU':>12}")

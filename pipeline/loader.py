@@ -29,7 +29,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.outliers import excluded_rows, outlier_scan
 from pipeline.readers import (
     ChunkDecoder,
     MemmapReader,
@@ -42,7 +41,8 @@ from pipeline.readers import (
     gpu_decode,
 )
 from pipeline.readers.budget import resident_budget, stream_window_rows
-from pipeline.store import ActivationStore
+from pipeline.store.outliers import excluded_rows, outlier_scan
+from pipeline.store.reader import ActivationStore
 
 __all__ = ["ActivationLoader", "Normaliser", "split_rows"]
 

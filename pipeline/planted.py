@@ -232,7 +232,7 @@ def write_planted_blocks(manifest: HarvestManifest, windows: TokenWindows, write
     """Generate and write every missing block through the ordinary ``StoreWriter``; tok/s."""
     import time
 
-    from pipeline.store_format import TORCH_STORAGE
+    from pipeline.store.format import TORCH_STORAGE
 
     generator = PlantedGenerator(manifest, windows)
     dtype = TORCH_STORAGE[manifest.storage.dtype]

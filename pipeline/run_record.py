@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from pipeline.store_format import atomic_write_bytes, safetensors_bytes
+from pipeline.store.format import atomic_write_bytes, safetensors_bytes
 
 NORMALISATION_FILE = "normalisation.safetensors"
 FORMAT = "fmxcoders-normalisation/1"
@@ -127,9 +127,9 @@ def load_record(checkpoint: Path, cache_root: Path | None = None) -> RunRecord:
     record = read_record(checkpoint)
     if record is not None:
         return record
-    from pipeline.catalog import find_store
     from pipeline.checkpoint import read_coder_json
-    from pipeline.outliers import outlier_scan
+    from pipeline.store.catalog import find_store
+    from pipeline.store.outliers import outlier_scan
     from pipeline.train_manifest import recorded_manifest
 
     run_json = checkpoint.parent / "coder_manifest.json"

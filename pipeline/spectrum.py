@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from pipeline.loader import Normaliser, split_rows
-from pipeline.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
-from pipeline.store import ActivationStore
+from pipeline.store.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
+from pipeline.store.reader import ActivationStore
 
 # The train warning's sample (tokens): enough for an L x L Gram to settle to ~1e-3.
 WARN_SAMPLE_TOKENS = 65_536

@@ -19,7 +19,7 @@ from pipeline.manifests.io import (
     describe_validation_error,
     load_manifest,
 )
-from pipeline.outliers import DEFAULT_RATIO
+from pipeline.store.outliers import DEFAULT_RATIO
 
 
 class CacheRef(Strict):

@@ -34,7 +34,7 @@ from pipeline.checkpoint import (
 from pipeline.coders import build_coder
 from pipeline.coders.base import Coder
 from pipeline.paths import RunPaths
-from pipeline.store_format import atomic_write_bytes, atomic_write_json
+from pipeline.store.format import atomic_write_bytes, atomic_write_json
 from pipeline.train_manifest import CoderManifest, TrainingSpec
 
 if TYPE_CHECKING:

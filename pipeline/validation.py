@@ -13,7 +13,7 @@ from torch import Tensor
 from pipeline.coders.base import Coder, layer_fvu
 from pipeline.loader import ActivationLoader
 from pipeline.readers.base import seeded_generator
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 
 
 def validation_sample(

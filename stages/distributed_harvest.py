@@ -37,7 +37,7 @@ from pipeline.cache_key import hash_material
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import ActivationModel, load_model
 from pipeline.paths import StorePaths
-from pipeline.store_writer import StoreWriter
+from pipeline.store.writer import StoreWriter
 from pipeline.text_sources import load_documents
 from pipeline.windows import TokenWindows, build_windows
 

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.catalog import find_store
 from pipeline.checkpoint import load_coder, read_coder_json
 from pipeline.evaluation import html_report, recovery, report
 from pipeline.evaluation import latent_details as ld
@@ -44,7 +43,6 @@ from pipeline.evaluation.splice import (
 from pipeline.evaluation.top_contexts import TokenView, store_decode
 from pipeline.loader import ActivationLoader, Normaliser
 from pipeline.models import resolve_device
-from pipeline.outliers import outlier_scan
 from pipeline.paths import (
     EvaluationPaths,
     ReportPaths,
@@ -52,7 +50,9 @@ from pipeline.paths import (
     default_reports_root,
     report_dir,
 )
-from pipeline.store import ActivationStore, StoreError
+from pipeline.store.catalog import find_store
+from pipeline.store.outliers import outlier_scan
+from pipeline.store.reader import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, load_coder_manifest, recorded_manifest
 from stages.train import open_cache, run_paths, store_layers
 
@@ -162,7 +162,7 @@ def load_variants(
 
 
 def outlier_record(store: ActivationStore, ratio: float | None) -> dict:
-    """What the massive-activation rule removed from every split (pipeline.outliers)."""
+    """What the massive-activation rule removed from every split (pipeline.store.outliers)."""
     scan = outlier_scan(store, ratio)
     if scan is None:
         return {"ratio": None, "excluded_tokens": 0}

@@ -38,7 +38,7 @@ from pipeline.results_table import (
     render_markdown,
     render_recovery,
 )
-from pipeline.store_format import atomic_write_json
+from pipeline.store.format import atomic_write_json
 from stages import evaluate, harvest, train
 
 

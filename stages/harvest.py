@@ -15,7 +15,6 @@ from pathlib import Path
 
 from pipeline.block_harvest import create_store, harvest_blocks
 from pipeline.cache_key import hash_material, key_material
-from pipeline.locks import exclusive_lock
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.manifests.io import check_device, check_writable_dir
 from pipeline.models import load_model
@@ -26,8 +25,9 @@ from pipeline.paths import (
     store_dir,
     store_lock,
 )
-from pipeline.store_format import fsync_dir
-from pipeline.store_writer import StoreWriter, write_completion, write_statistics
+from pipeline.store.format import fsync_dir
+from pipeline.store.locks import exclusive_lock
+from pipeline.store.writer import StoreWriter, write_completion, write_statistics
 from pipeline.text_sources import load_documents
 from pipeline.windows import build_windows
 

@@ -25,21 +25,21 @@ import torch
 from tqdm import tqdm
 
 from pipeline.cache_key import cache_key
-from pipeline.catalog import find_store, write_run_name
 from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.ddp import init_from_env
 from pipeline.loader import ActivationLoader, split_rows
-from pipeline.locks import exclusive_lock
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
 from pipeline.models import resolve_device
-from pipeline.outliers import excluded_rows, outlier_scan
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning
-from pipeline.store import ActivationStore, StoreError
-from pipeline.store_format import atomic_write_json
+from pipeline.store.catalog import find_store, write_run_name
+from pipeline.store.format import atomic_write_json
+from pipeline.store.locks import exclusive_lock
+from pipeline.store.outliers import excluded_rows, outlier_scan
+from pipeline.store.reader import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest, check_coder_section
 from pipeline.trainer import CoderRun, new_coder_run
 from pipeline.validation import held_out_terms, validation_sample

@@ -19,7 +19,7 @@ import numpy as np
 
 
 def slow_junk_writes(delay: float) -> None:
-    from pipeline.store_writer import StoreWriter
+    from pipeline.store.writer import StoreWriter
 
     original = StoreWriter.write_block
     rng = np.random.default_rng(0)

@@ -151,7 +151,7 @@ def test_each_rank_gathers_only_its_rows_of_the_same_global_batches(tiny_store, 
     """The ranks' batches put together are one process's batches, row for row (stream: one
     process with as many strata as ranks); each rank gathers, or decodes, about its share."""
     from pipeline.loader import ActivationLoader
-    from pipeline.store import ActivationStore
+    from pipeline.store.reader import ActivationStore
 
     store = ActivationStore(tiny_store)
     common = {"batch_size": 101, "mode": mode, "seed": 2, "window_bytes": 1 << 40}

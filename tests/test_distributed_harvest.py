@@ -37,7 +37,7 @@ class KillOnce(WorkerPlugin):
         self.block, self.flag, self.log = block, str(flag), str(log)
 
     def setup(self, worker) -> None:
-        from pipeline.store_writer import StoreWriter
+        from pipeline.store.writer import StoreWriter
 
         self.original = StoreWriter.write_block
         plugin = self
@@ -56,7 +56,7 @@ class KillOnce(WorkerPlugin):
         StoreWriter.write_block = write_block
 
     def teardown(self, worker) -> None:
-        from pipeline.store_writer import StoreWriter
+        from pipeline.store.writer import StoreWriter
 
         StoreWriter.write_block = self.original
 

@@ -333,7 +333,7 @@ def _forbid(what: str):
 
 def test_cp_coder_trains_on_the_tiny_store(tiny_store):
     from pipeline.loader import ActivationLoader
-    from pipeline.store import ActivationStore
+    from pipeline.store.reader import ActivationStore
 
     store = ActivationStore(tiny_store)
     cfg = {

@@ -24,10 +24,10 @@ from pipeline.checkpoint import save_coder
 from pipeline.cli import main
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.experiment_manifest import load_experiment
-from pipeline.locks import LockedError, exclusive_lock
 from pipeline.manifests.io import ManifestError
 from pipeline.paths import RunPaths, StorePaths
-from pipeline.store import ActivationStore, StoreError
+from pipeline.store.locks import LockedError, exclusive_lock
+from pipeline.store.reader import ActivationStore, StoreError
 from pipeline.train_manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_real_small, harvest_tiny

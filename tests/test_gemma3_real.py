@@ -11,7 +11,7 @@ import torch
 
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import load_model, model_identity
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from stages import harvest
 
 pytestmark = pytest.mark.slow

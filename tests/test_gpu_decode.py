@@ -15,12 +15,12 @@ import torch
 from numcodecs import Shuffle
 from pydantic import ValidationError
 
-from pipeline import store_format
 from pipeline.cache_key import cache_key
 from pipeline.loader import ActivationLoader, split_rows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.readers import ChunkDecoder, Normaliser, gpu_decode
-from pipeline.store import ActivationStore
+from pipeline.store import format as store_format
+from pipeline.store.reader import ActivationStore
 from pipeline.train_manifest import TrainRunSpec
 from stages import harvest
 from tests.helpers import TINY

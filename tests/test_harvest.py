@@ -23,8 +23,8 @@ from pipeline.cli import main
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from pipeline.models import load_model
 from pipeline.paths import StorePaths, incomplete_store_dir
-from pipeline.store import ActivationStore, StoreError
-from pipeline.store_writer import StoreWriter
+from pipeline.store.reader import ActivationStore, StoreError
+from pipeline.store.writer import StoreWriter
 from stages import harvest
 from tests.conftest import REPO, TINY_MANIFEST_FILE
 

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.models import load_model
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from stages import harvest
 
 pytestmark = pytest.mark.slow

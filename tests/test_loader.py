@@ -10,8 +10,8 @@ import torch
 
 from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.store import ActivationStore
-from pipeline.store_format import from_storage_numpy
+from pipeline.store.format import from_storage_numpy
+from pipeline.store.reader import ActivationStore
 from stages import harvest
 from tests.helpers import TINY, harvest_tiny
 

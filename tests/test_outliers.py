@@ -8,9 +8,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline import outliers
 from pipeline.loader import ActivationLoader, Normaliser, split_rows
-from pipeline.store import ActivationStore
+from pipeline.store import outliers
+from pipeline.store.reader import ActivationStore
 from pipeline.train_manifest import recorded_manifest
 
 

@@ -17,7 +17,7 @@ from pipeline.planted import (
     planted_features,
     planted_windows,
 )
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from stages import experiment, harvest
 
 TINY = {

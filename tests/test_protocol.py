@@ -17,7 +17,7 @@ from pipeline.experiment_manifest import ExperimentManifest, variant_manifests
 from pipeline.loader import split_rows, validation_documents
 from pipeline.protocol import beyond_edge, choose_lr, cost_line, lr_sweep_runs, protocol_runs
 from pipeline.results_table import protocol_table, render_markdown
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from pipeline.train_manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_tiny

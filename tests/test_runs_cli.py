@@ -14,7 +14,7 @@ from pipeline.cli import main
 from pipeline.export import dictionary_learning_forward, saelens_forward
 from pipeline.loader import Normaliser
 from pipeline.run_record import read_record
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from tests.trained_runs import TrainedRuns, train_tiny_runs
 
 
@@ -89,7 +89,7 @@ def test_unknown_run_and_wrong_format_are_one_line_errors(trained_runs: TrainedR
 
 
 def test_states_running_incomplete_broken(tmp_path) -> None:
-    from pipeline.catalog import find_run, list_runs
+    from pipeline.store.catalog import find_run, list_runs
 
     record = {"manifest": {"name": "x", "training": {"tokens": 1000, "batch_size": 100}},
               "coder": {"kind": "crosscoder"}}  # fmt: skip

@@ -15,8 +15,8 @@ from pipeline import spectrum as sp
 from pipeline.cli import main
 from pipeline.coders import coder_config_from_dict
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
-from pipeline.outliers import DEFAULT_RATIO
 from pipeline.spectrum import DecoderFloor, MomentAccumulator
+from pipeline.store.outliers import DEFAULT_RATIO
 
 N, L, D = 4000, 5, 6
 
@@ -150,7 +150,7 @@ def test_cli_spectrum_on_the_tiny_store(tiny_store: Path):
 
 def test_spectrum_reads_the_training_split_only(tiny_store: Path):
     from pipeline.loader import split_rows
-    from pipeline.store import ActivationStore
+    from pipeline.store.reader import ActivationStore
 
     store = ActivationStore(tiny_store)
     layers = list(range(store.n_layers))
@@ -176,7 +176,7 @@ def _manifest(store: Path, runs: Path, name: str, coder: dict):
 
 def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monkeypatch, capsys):
     from pipeline import paths
-    from pipeline.store import ActivationStore
+    from pipeline.store.reader import ActivationStore
     from stages import train
 
     monkeypatch.setattr(paths, "data_dir", lambda: tmp_path / "data")

@@ -28,7 +28,7 @@ from pipeline.evaluation.judge import (
 )
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.top_contexts import TokenView, format_context, window_rows
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 from pipeline.token_text import REPLACEMENT
 
 BEFORE, AFTER = 12, 4

@@ -21,7 +21,7 @@ from pipeline.evaluation.latent_details import PURE, LatentDetail
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.splice import SpliceResult
 from pipeline.paths import EvaluationPaths, ReportPaths
-from pipeline.store_format import atomic_write_json, atomic_write_parquet
+from pipeline.store.format import atomic_write_json, atomic_write_parquet
 
 SUMMARY_KS = (1, 5, 20)
 

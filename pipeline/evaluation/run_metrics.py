@@ -58,7 +58,8 @@ class Variant:
     step: int
     kind: str
     columns: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
-    outlier_ratio: float | None = None  # training's massive-activation rule (pipeline.outliers)
+    # training's massive-activation rule (pipeline.store.outliers)
+    outlier_ratio: float | None = None
 
     @property
     def scale(self) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.evaluation.run_metrics import Variant
-from pipeline.store import ActivationStore
+from pipeline.store.reader import ActivationStore
 
 
 @dataclass(frozen=True)

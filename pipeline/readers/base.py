@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipeline.outliers import OutlierScan
-from pipeline.store import ActivationStore
-from pipeline.store_format import TORCH_STORAGE
+from pipeline.store.format import TORCH_STORAGE
+from pipeline.store.outliers import OutlierScan
+from pipeline.store.reader import ActivationStore
 
 
 @dataclass(frozen=True)

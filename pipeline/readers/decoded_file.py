@@ -19,10 +19,10 @@ from pathlib import Path
 import crc32c
 import numpy as np
 
-from pipeline.locks import exclusive_lock
 from pipeline.paths import decoded_split_file
 from pipeline.readers.base import ChunkDecoder
-from pipeline.store_format import NUMPY_STORAGE, atomic_write_json, fsync_dir, to_storage_numpy
+from pipeline.store.format import NUMPY_STORAGE, atomic_write_json, fsync_dir, to_storage_numpy
+from pipeline.store.locks import exclusive_lock
 
 VERIFY_BLOCK_BYTES = 64 << 20
 

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 
 from pipeline.readers.base import ChunkDecoder, Normaliser
-from pipeline.store import ActivationStore
-from pipeline.store_format import TORCH_STORAGE
+from pipeline.store.format import TORCH_STORAGE
+from pipeline.store.reader import ActivationStore
 
 # nvCOMP's Python package per CUDA major version (bench/gpu_loader.sh and
 # bench/gpu_wheels.sh install the one torch's CUDA needs)

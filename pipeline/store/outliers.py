@@ -25,9 +25,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pipeline.store import ActivationStore
-from pipeline.store_format import atomic_write_bytes, safetensors_bytes
-from pipeline.store_writer import block_statistics, statistics_from_totals
+from pipeline.store.format import atomic_write_bytes, safetensors_bytes
+from pipeline.store.reader import ActivationStore
+from pipeline.store.writer import block_statistics, statistics_from_totals
 
 DEFAULT_RATIO = 30.0
 # Tokens the median is taken over: enough for a stable median, a few chunks to decode.

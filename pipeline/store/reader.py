@@ -17,7 +17,7 @@ import zarr
 from safetensors.torch import load_file
 
 from pipeline.paths import StorePaths
-from pipeline.store_format import (
+from pipeline.store.format import (
     chunk_files,
     file_crc32c,
     from_storage_numpy,

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from pipeline.manifests.harvest import StorageSpec
 from pipeline.paths import StorePaths
-from pipeline.store_format import (
+from pipeline.store.format import (
     NUMPY_STORAGE,
     array_layout,
     atomic_write_bytes,

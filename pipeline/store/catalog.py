@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir
-from pipeline.store import ActivationStore, StoreError
-from pipeline.store_format import tree_bytes
+from pipeline.store.format import tree_bytes
+from pipeline.store.reader import ActivationStore, StoreError
 
 
 @dataclass(frozen=True)
