@@ -32,9 +32,9 @@ from common import device_name
 from pipeline.checkpoint import save_coder
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.evaluation.run_metrics import ProbeRows, stream_pass, union_layers
+from pipeline.harvest.models import resolve_device
 from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
-from pipeline.models import resolve_device
 from pipeline.paths import RunPaths
 from pipeline.store.format import atomic_write_json
 from pipeline.store.reader import ActivationStore

@@ -41,12 +41,12 @@ import torch
 import zarr
 from common import device_name, load_average, sync
 
+from pipeline.harvest.models import ActivationModel, load_model, resolve_device
+from pipeline.harvest.text_sources import load_documents
+from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import ActivationModel, load_model, resolve_device
 from pipeline.store.format import TORCH_STORAGE
 from pipeline.store.reader import ActivationStore
-from pipeline.text_sources import load_documents
-from pipeline.windows import build_windows
 from stages import harvest
 
 N_MODEL_LAYERS = 30  # SmolLM2-135M

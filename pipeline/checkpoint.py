@@ -28,8 +28,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pipeline.assets import sha256_file
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
+from pipeline.harvest.assets import sha256_file
 from pipeline.store.format import atomic_write, atomic_write_json, safetensors_bytes
 
 WEIGHTS_FILE = "coder.safetensors"

@@ -19,7 +19,7 @@ BUILTIN_USER_ERRORS = (FileNotFoundError, ValueError)
 # Raised only by modules a command has already imported, so looked up there, not imported.
 LAZY_USER_ERRORS = (
     ("pipeline.store.reader", "StoreError"),
-    ("pipeline.assets", "AssetError"),
+    ("pipeline.harvest.assets", "AssetError"),
     ("pipeline.store.locks", "LockedError"),
 )
 
@@ -489,7 +489,7 @@ def _open_spectrum_cache(cache: str, cache_root: Path | None):
 
     path = Path(cache)
     if path.is_file():
-        from pipeline.cache_key import cache_key
+        from pipeline.harvest.cache_key import cache_key
         from pipeline.manifests.harvest import load_harvest_manifest
 
         harvest = load_harvest_manifest(path)

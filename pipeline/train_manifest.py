@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pipeline.cache_key import canonical_json
+from pipeline.harvest.cache_key import canonical_json
 from pipeline.manifests.harvest import Strict
 from pipeline.manifests.io import (
     ManifestError,

@@ -32,14 +32,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipeline.block_harvest import create_store, harvest_blocks
-from pipeline.cache_key import hash_material
+from pipeline.harvest.blocks import create_store, harvest_blocks
+from pipeline.harvest.cache_key import hash_material
+from pipeline.harvest.models import ActivationModel, load_model
+from pipeline.harvest.text_sources import load_documents
+from pipeline.harvest.windows import TokenWindows, build_windows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import ActivationModel, load_model
 from pipeline.paths import StorePaths
 from pipeline.store.writer import StoreWriter
-from pipeline.text_sources import load_documents
-from pipeline.windows import TokenWindows, build_windows
 
 if TYPE_CHECKING:  # dask is imported only when a distributed harvest runs
     from distributed import Client, Future

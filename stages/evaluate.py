@@ -41,8 +41,8 @@ from pipeline.evaluation.splice import (
     splice_scores,
 )
 from pipeline.evaluation.top_contexts import TokenView, store_decode
+from pipeline.harvest.models import resolve_device
 from pipeline.loader import ActivationLoader, Normaliser
-from pipeline.models import resolve_device
 from pipeline.paths import (
     EvaluationPaths,
     ReportPaths,

@@ -13,11 +13,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.block_harvest import create_store, harvest_blocks
-from pipeline.cache_key import hash_material, key_material
+from pipeline.harvest.blocks import create_store, harvest_blocks
+from pipeline.harvest.cache_key import hash_material, key_material
+from pipeline.harvest.models import load_model
+from pipeline.harvest.text_sources import load_documents
+from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.manifests.io import check_device, check_writable_dir
-from pipeline.models import load_model
 from pipeline.paths import (
     StorePaths,
     default_cache_root,
@@ -28,8 +30,6 @@ from pipeline.paths import (
 from pipeline.store.format import fsync_dir
 from pipeline.store.locks import exclusive_lock
 from pipeline.store.writer import StoreWriter, write_completion, write_statistics
-from pipeline.text_sources import load_documents
-from pipeline.windows import build_windows
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ def _harvest_here(
 ) -> tuple[StoreWriter, float]:
     """The single-process path: the model runs in this process."""
     if manifest.model.source == "planted":  # synthetic truth: no model, no text
-        from pipeline import planted
+        from pipeline.harvest import planted
 
         windows = planted.planted_windows(manifest.model.planted_spec, manifest.tokenization)
         spec = manifest.model.planted_spec

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.cache_key import cache_key
 from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.ddp import init_from_env
+from pipeline.harvest.cache_key import cache_key
+from pipeline.harvest.models import resolve_device
 from pipeline.loader import ActivationLoader, split_rows
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
-from pipeline.models import resolve_device
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning

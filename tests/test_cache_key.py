@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cache_key import cache_key, hash_material, key_material
+from pipeline.harvest.cache_key import cache_key, hash_material, key_material
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from tests.conftest import TINY_MANIFEST_FILE
 

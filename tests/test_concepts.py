@@ -130,10 +130,10 @@ def test_token_classes_one_class_per_row(gazetteer: Gazetteer) -> None:
 
 def test_real_token_table_from_build_windows(gazetteer: Gazetteer) -> None:
     """The harvest's own token table (byte-level tokenizer, BOS every 16 rows)."""
+    from pipeline.harvest.text_sources import Document
+    from pipeline.harvest.tiny_model import byte_level_tokenizer
+    from pipeline.harvest.windows import build_windows
     from pipeline.manifests.harvest import TokenizationSpec
-    from pipeline.text_sources import Document
-    from pipeline.tiny_model import byte_level_tokenizer
-    from pipeline.windows import build_windows
 
     docs = [
         Document("a", "Flights from New York to Texas.", "en", "travel"),

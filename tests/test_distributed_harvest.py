@@ -13,8 +13,8 @@ import pytest
 from click.testing import CliRunner
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from pipeline.cache_key import cache_key
 from pipeline.cli import main
+from pipeline.harvest.cache_key import cache_key
 from stages import harvest
 from stages.distributed_harvest import plan_shards
 from tests.conftest import TINY_MANIFEST_FILE

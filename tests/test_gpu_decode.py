@@ -15,7 +15,7 @@ import torch
 from numcodecs import Shuffle
 from pydantic import ValidationError
 
-from pipeline.cache_key import cache_key
+from pipeline.harvest.cache_key import cache_key
 from pipeline.loader import ActivationLoader, split_rows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.readers import ChunkDecoder, Normaliser, gpu_decode

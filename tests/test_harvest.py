@@ -18,10 +18,10 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pipeline.cache_key import cache_key, hash_material
 from pipeline.cli import main
+from pipeline.harvest.cache_key import cache_key, hash_material
+from pipeline.harvest.models import load_model
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
-from pipeline.models import load_model
 from pipeline.paths import StorePaths, incomplete_store_dir
 from pipeline.store.reader import ActivationStore, StoreError
 from pipeline.store.writer import StoreWriter
@@ -31,7 +31,7 @@ from tests.conftest import REPO, TINY_MANIFEST_FILE
 WORKER = Path(__file__).with_name("harvest_worker.py")
 TOKEN_COLUMNS = ["token_id", "doc_id", "position", "token_text", "is_special"]
 DOCUMENT_COLUMNS = ["doc_id", "title", "language", "topic", "split"]
-BOS, EOS = 256, 257  # the byte-level tokenizer of pipeline/tiny_model.py
+BOS, EOS = 256, 257  # the byte-level tokenizer of pipeline/harvest/tiny_model.py
 N_HOOKS, N_BLOCKS = 4, 4  # tiny-random.yaml: 4 layers, 2048 tokens in chunks of 512
 
 

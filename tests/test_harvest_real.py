@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline.harvest.models import load_model
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import load_model
 from pipeline.store.reader import ActivationStore
 from stages import harvest
 

@@ -185,7 +185,7 @@ class _ScriptedLM:
 def test_transformers_backend() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from pipeline.tiny_model import byte_level_tokenizer
+    from pipeline.harvest.tiny_model import byte_level_tokenizer
 
     tokenizer = byte_level_tokenizer()
     scripted = TransformersJudge(

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.cache_key import cache_key
-from pipeline.manifests.harvest import HarvestManifest, PlantedSpec
-from pipeline.manifests.io import ManifestError, validate
-from pipeline.planted import (
+from pipeline.harvest.cache_key import cache_key
+from pipeline.harvest.planted import (
     KINDS,
     PlantedGenerator,
     planted_features,
     planted_windows,
 )
+from pipeline.manifests.harvest import HarvestManifest, PlantedSpec
+from pipeline.manifests.io import ManifestError, validate
 from pipeline.store.reader import ActivationStore
 from stages import experiment, harvest
 

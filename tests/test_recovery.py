@@ -14,8 +14,8 @@ from pipeline.evaluation.recovery import (
     recover,
     summary_columns,
 )
+from pipeline.harvest.planted import KINDS, planted_features
 from pipeline.manifests.harvest import PlantedSpec
-from pipeline.planted import KINDS, planted_features
 
 SPEC = PlantedSpec(n_layers=5, d_model=12, n_single=6, n_spanning=5, n_groups=2, seed=3)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import assets
-from pipeline.assets import (
+from pipeline.harvest import assets
+from pipeline.harvest.assets import (
     GEMMA3_270M,
     SMOLLM2,
     AssetError,
@@ -23,8 +23,8 @@ from pipeline.assets import (
     asset_identity,
     ensure_split_file,
 )
+from pipeline.harvest.models import ModelError, model_identity
 from pipeline.manifests.harvest import ModelSpec
-from pipeline.models import ModelError, model_identity
 
 PIECES = [b"first piece ", b"second piece ", b"third"]
 

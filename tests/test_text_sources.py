@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from pipeline.harvest.models import ModelError, load_model
+from pipeline.harvest.text_sources import TextSourceError, load_documents
+from pipeline.harvest.tiny_model import byte_level_tokenizer
+from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HookSpec, ModelSpec, TextSpec, TokenizationSpec
-from pipeline.models import ModelError, load_model
-from pipeline.text_sources import TextSourceError, load_documents
-from pipeline.tiny_model import byte_level_tokenizer
-from pipeline.windows import build_windows
 
 
 class FakeRows(list):

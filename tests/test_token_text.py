@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.harvest.text_sources import Document
+from pipeline.harvest.tiny_model import byte_level_tokenizer
+from pipeline.harvest.token_text import decode_pieces, pieces_from_offsets, tokenize_with_pieces
+from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import TokenizationSpec
-from pipeline.text_sources import Document
-from pipeline.tiny_model import byte_level_tokenizer
-from pipeline.token_text import decode_pieces, pieces_from_offsets, tokenize_with_pieces
-from pipeline.windows import build_windows
 
 TEXTS = ["café — naïve  x 日本語 😀 ", "The  cat\n\nsat.", "Zürich, Ελλάδα"]
 

@@ -28,8 +28,8 @@ from pipeline.evaluation.judge import (
 )
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.top_contexts import TokenView, format_context, window_rows
+from pipeline.harvest.token_text import REPLACEMENT
 from pipeline.store.reader import ActivationStore
-from pipeline.token_text import REPLACEMENT
 
 BEFORE, AFTER = 12, 4
 PURE = 0.5  # purity at or above this counts as a coherent latent (the judge's rating >= 4)
@@ -321,8 +321,8 @@ def judge_backend(kind: str) -> ChatBackend | None:
     if kind == "transformers":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from pipeline.harvest.models import _local_dir
         from pipeline.manifests.harvest import ModelSpec
-        from pipeline.models import _local_dir
 
         local = _local_dir(ModelSpec(source="packaged", name="smollm2-135m"))
         tokenizer = AutoTokenizer.from_pretrained(local)

@@ -1,6 +1,6 @@
 """Recovery of planted features, and calibration of per-latent metrics against true spans.
 
-On a planted cache the true features are known (``pipeline/planted.py``). For each true
+On a planted cache the true features are known (``pipeline/harvest/planted.py``). For each true
 feature, MMCS is the best cosine between its whole ``L x d`` direction and a decoder row,
 compared in raw units (decoder rows are trained in normalised units, so each layer is
 divided by the loader's scale first). A feature counts as recovered above ``RECOVERED``.
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from pipeline.planted import KINDS, PlantedFeatures
+from pipeline.harvest.planted import KINDS, PlantedFeatures
 
 RECOVERED = 0.9  # MMCS above which a feature counts as recovered
 MATCHED = 0.7  # MMCS above which a feature's best latent enters the calibration
@@ -164,8 +164,8 @@ def planted_truth(store_manifest: dict) -> tuple[PlantedFeatures, list[int]] | N
     Regenerated from the harvest manifest saved in the store (the generator is
     deterministic in it), so nothing besides the normal store files is needed.
     """
+    from pipeline.harvest.planted import hook_layers, planted_features
     from pipeline.manifests.harvest import HarvestManifest
-    from pipeline.planted import hook_layers, planted_features
 
     manifest = HarvestManifest.model_validate(store_manifest["manifest"])
     if manifest.model.source != "planted":

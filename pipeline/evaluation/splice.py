@@ -157,7 +157,7 @@ def splice_scores(
 
 def load_store_model(store: ActivationStore, device: torch.device):
     """The harvested model, as the store's manifest names it."""
+    from pipeline.harvest.models import load_model
     from pipeline.manifests.harvest import ModelSpec
-    from pipeline.models import load_model
 
     return load_model(ModelSpec.model_validate(store.manifest["manifest"]["model"]), str(device))

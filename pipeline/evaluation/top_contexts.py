@@ -16,7 +16,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from pipeline.token_text import REPLACEMENT, decode_pieces
+from pipeline.harvest.token_text import REPLACEMENT, decode_pieces
 
 Decode = Callable[[list[int]], str]  # token ids -> text (a tokenizer's ``decode``)
 
@@ -27,8 +27,8 @@ def store_decode(model_spec: dict) -> Decode | None:
     try:
         from transformers import AutoTokenizer
 
+        from pipeline.harvest.models import _local_dir
         from pipeline.manifests.harvest import ModelSpec
-        from pipeline.models import _local_dir
 
         local = _local_dir(ModelSpec.model_validate(model_spec))
         return None if local is None else AutoTokenizer.from_pretrained(local).decode

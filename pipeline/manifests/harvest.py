@@ -3,7 +3,7 @@
 Sections ``model``, ``text``, ``tokenization``, ``hooks`` and ``storage.dtype`` decide the
 activations and so enter the cache key (see ``cache_key.py``); ``storage`` layout and
 ``run`` only decide how fast and where, and do not. ``model.source: planted`` replaces the
-model and the text by synthetic activations from known features (``pipeline/planted.py``):
+model and the text by synthetic activations from known features (``pipeline/harvest/planted.py``):
 then ``model.planted``, tokenisation, hooks and storage dtype make the key, and ``text``
 is unused.
 """

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from pipeline.harvest.windows import TokenWindows
 from pipeline.manifests.harvest import HarvestManifest, PlantedSpec, TokenizationSpec
-from pipeline.windows import TokenWindows
 
 KINDS = ("single", "spanning", "cooccurring")
 BOS, EOS = 0, 1  # synthetic special token ids; ordinary ids start at 2
@@ -109,7 +109,7 @@ def planted_features(spec: PlantedSpec) -> PlantedFeatures:
 
 
 def planted_windows(spec: PlantedSpec, tokenization: TokenizationSpec) -> TokenWindows:
-    """Token and document tables shaped like a text harvest (see ``pipeline/windows.py``).
+    """Token and document tables shaped like a text harvest (see ``pipeline/harvest/windows.py``).
 
     Documents of geometric length are packed back to back, an EOS after each, into
     windows that start with BOS when ``prepend_bos``; token ids are drawn from a

@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 
+from pipeline.harvest.models import model_identity
+from pipeline.harvest.text_sources import source_identity
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import model_identity
-from pipeline.text_sources import source_identity
 
 STORE_FORMAT = 1
 # Text fields added after keys were pinned; they enter the key only when set.

@@ -14,13 +14,13 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline.cache_key import hash_material
+from pipeline.harvest.cache_key import hash_material
+from pipeline.harvest.models import ActivationModel
+from pipeline.harvest.windows import TokenWindows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.models import ActivationModel
 from pipeline.paths import StorePaths
 from pipeline.store.format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet
 from pipeline.store.writer import StoreWriter
-from pipeline.windows import TokenWindows
 
 
 def _write_tables(paths: StorePaths, windows: TokenWindows) -> None:

@@ -6,7 +6,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.assets import WIKI_SUMMARIES, sha256_file, wiki_summaries_file
+from pipeline.harvest.assets import WIKI_SUMMARIES, sha256_file, wiki_summaries_file
 from pipeline.manifests.harvest import TextSpec
 
 

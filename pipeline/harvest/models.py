@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from filelock import FileLock
 
-from pipeline.assets import GEMMA3_270M, SMOLLM2, asset_identity, packaged_gguf, sha256_file
+from pipeline.harvest.assets import GEMMA3_270M, SMOLLM2, asset_identity, packaged_gguf, sha256_file
 from pipeline.manifests.harvest import HookSpec, ModelSpec
 from pipeline.paths import models_dir
 
@@ -171,7 +171,7 @@ def _dequantised_dir(gguf: Path, digest: str) -> Path:
 
 def _random_model_dir(spec: ModelSpec) -> Path:
     """A tiny randomly initialised Llama with a byte-level tokenizer, for fast tests."""
-    from pipeline.tiny_model import build_tiny_model
+    from pipeline.harvest.tiny_model import build_tiny_model
 
     target = models_dir() / f"random-{spec.n_layers}x{spec.d_model}-seed{spec.seed}"
     if not (target / "config.json").is_file():

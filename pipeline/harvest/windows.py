@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from pipeline.harvest.text_sources import Document
+from pipeline.harvest.token_text import decode_pieces, tokenize_with_pieces
 from pipeline.manifests.harvest import TokenizationSpec
-from pipeline.text_sources import Document
-from pipeline.token_text import decode_pieces, tokenize_with_pieces
 
 TOKENIZE_BATCH = 256
 
