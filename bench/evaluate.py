@@ -29,16 +29,16 @@ import numpy as np
 import torch
 from common import device_name
 
-from pipeline.checkpoint import save_coder
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.evaluation.run_metrics import ProbeRows, stream_pass, union_layers
 from pipeline.harvest.models import resolve_device
-from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest, load_harvest_manifest
 from pipeline.paths import RunPaths
 from pipeline.store.format import atomic_write_json
 from pipeline.store.reader import ActivationStore
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.checkpoint import save_coder
+from pipeline.training.loader import ActivationLoader
+from pipeline.training.manifest import CoderManifest
 from stages import evaluate, harvest
 
 DEFAULT_STORE = {

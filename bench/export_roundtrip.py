@@ -9,7 +9,7 @@
    ``bench/export_roundtrip_side.py`` loads each export with ``SAE.load_from_disk`` or
    dictionary_learning's ``CrossCoder.from_pretrained`` and runs the library's forward;
 5. both sides must agree to 1e-4 (``allclose(atol=1e-4, rtol=1e-4)``); so must our
-   re-implementations of the libraries' forwards (``pipeline.export``), which CI runs.
+   re-implementations of the libraries' forwards (``pipeline.training.export``), which CI runs.
 
 dictionary_learning's crosscoder classes are not in the ``dictionary-learning`` wheel on
 PyPI (0.1.0); they live in the maintained fork github.com/jkminder/dictionary_learning.
@@ -37,13 +37,13 @@ from common import device_name, load_average
 from safetensors.torch import load_file, save_file
 from vs_saelens import SAELENS_VENV, _clean_env, ensure_saelens_venv
 
-from pipeline.checkpoint import load_coder
-from pipeline.export import dictionary_learning_forward, export_run, saelens_forward
-from pipeline.loader import split_rows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.run_record import read_record
 from pipeline.store.reader import ActivationStore
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.checkpoint import load_coder
+from pipeline.training.export import dictionary_learning_forward, export_run, saelens_forward
+from pipeline.training.loader import split_rows
+from pipeline.training.manifest import CoderManifest
+from pipeline.training.run_record import read_record
 from stages import harvest, train
 
 REPO = Path(__file__).resolve().parents[1]

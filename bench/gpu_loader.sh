@@ -40,9 +40,9 @@ else
     "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
         || "$PY" -m pip install --quiet "$TORCH"
     "$PY" -m pip install --quiet -e .
-    # nvCOMP for the CUDA that torch was built with (pipeline/readers/gpu_decode.py pins it)
+    # nvCOMP for the CUDA that torch was built with (pipeline/training/readers/gpu_decode.py pins it)
     "$PY" -m pip install --quiet "$("$PY" -c \
-        'from pipeline.readers.gpu_decode import nvcomp_pin; print(nvcomp_pin())')"
+        'from pipeline.training.readers.gpu_decode import nvcomp_pin; print(nvcomp_pin())')"
 fi
 "$PY" - <<'EOF'
 import torch

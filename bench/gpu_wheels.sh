@@ -26,7 +26,7 @@ pins=()
 for name in "${PACKAGES[@]}"; do
     pins+=("$name==$("$PY" -c "import importlib.metadata as m; print(m.version('$name'))")")
 done
-nvcomp=$("$PY" -c "from pipeline.readers.gpu_decode import nvcomp_pin; print(nvcomp_pin('$CUDA_MAJOR'))")
+nvcomp=$("$PY" -c "from pipeline.training.readers.gpu_decode import nvcomp_pin; print(nvcomp_pin('$CUDA_MAJOR'))")
 # nvidia-nvcomp-cuNN==V needs nvidia-libnvcomp-cuNN==V (the library itself)
 pins+=("$nvcomp" "${nvcomp/nvcomp-cu/libnvcomp-cu}")
 

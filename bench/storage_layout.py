@@ -26,10 +26,10 @@ from common import device_name, load_average, sync
 from pipeline.harvest.models import resolve_device
 from pipeline.manifests.harvest import StorageSpec, load_harvest_manifest
 from pipeline.paths import StorePaths
-from pipeline.readers import ChunkDecoder, gpu_decode
 from pipeline.store.format import from_storage_numpy, gpu_frame_rows
 from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import StoreWriter, write_completion
+from pipeline.training.readers import ChunkDecoder, gpu_decode
 from stages import harvest
 
 LAYOUTS = ("zstd", "zstd-gpu")

@@ -41,11 +41,11 @@ from common import device_name, load_average, sync
 
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.harvest.models import resolve_device
-from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import load_harvest_manifest
-from pipeline.readers.base import bits_to_float32
-from pipeline.readers.stream import StreamReader
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import ActivationLoader
+from pipeline.training.readers.base import bits_to_float32
+from pipeline.training.readers.stream import StreamReader
 from stages import harvest
 
 MODES = ("resident", "memmap", "stream")

@@ -47,10 +47,10 @@ import torch
 from common import cpu_model, load_average
 
 from pipeline.harvest.models import _local_dir
-from pipeline.loader import ActivationLoader
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.store.format import tree_bytes
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import ActivationLoader
 from stages import harvest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -24,11 +24,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.loader import ActivationLoader, Normaliser
-from pipeline.run_record import RunRecord, load_record
 from pipeline.store.catalog import find_run, find_store
 from pipeline.store.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import ActivationLoader, Normaliser
+from pipeline.training.run_record import RunRecord, load_record
 
 
 class ActivationDataset(IterableDataset):
@@ -80,7 +80,7 @@ class ActivationDataset(IterableDataset):
 
     def __len__(self) -> int:
         """Batches per epoch (for progress bars)."""
-        from pipeline.loader import split_rows
+        from pipeline.training.loader import split_rows
 
         excluded = excluded_rows(outlier_scan(self.store, self.outlier_ratio))
         return -(-len(split_rows(self.store, self.split, exclude=excluded)) // self.batch_size)
@@ -239,7 +239,7 @@ def load_coder(
     or a run's name / hash prefix (as ``pipeline runs`` lists them, under ``runs_root``).
     The normalisation comes from the run's ``final/normalisation.safetensors`` (older runs:
     from their cache under ``cache_root``)."""
-    from pipeline.checkpoint import load_coder as load_checkpoint
+    from pipeline.training.checkpoint import load_coder as load_checkpoint
 
     checkpoint = _checkpoint_dir(run, Path(runs_root) if runs_root else None)
     record = load_record(checkpoint, Path(cache_root) if cache_root else None)

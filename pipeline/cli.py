@@ -237,7 +237,7 @@ def train(manifests: tuple[Path, ...], device: str | None) -> None:
       pipeline train manifests/coders/smoke-crosscoder.yaml manifests/coders/smoke-fmxcoder.yaml
       torchrun --nproc-per-node 2 $(which pipeline) train manifests/coders/tiny-crosscoder.yaml
     """
-    from pipeline.train_manifest import load_coder_manifest
+    from pipeline.training.manifest import load_coder_manifest
     from stages import train as train_stage
 
     loaded = []
@@ -473,7 +473,7 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
       pipeline export smoke-per-layer-sae --format saelens exported/sae
       pipeline export smoke-fmxcoder --format dictionary_learning exported/fmx
     """
-    from pipeline.export import export_run
+    from pipeline.training.export import export_run
 
     (target,) = resolve_runs((run,), runs_root)
     checkpoint = target if (target / "coder.json").is_file() else target / "final"

@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 
 from pipeline.manifests.harvest import HarvestManifest, Strict, load_harvest_manifest
 from pipeline.manifests.io import ManifestError, load_manifest, validate
-from pipeline.train_manifest import CoderManifest, check_coder_section
+from pipeline.training.manifest import CoderManifest, check_coder_section
 
 # Known shapes (n_layers, d_model), so coder sections are checked before any harvest.
 PACKAGED_SHAPES = {"smollm2-135m": (30, 576)}

@@ -18,7 +18,7 @@ from typing import Literal, get_args
 from pipeline.experiment_manifest import ExperimentManifest, deep_merge
 from pipeline.manifests.io import validate
 from pipeline.paths import RunPaths
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 
 Role = Literal["lr_sweep", "trained", "control", "sparsity"]
 

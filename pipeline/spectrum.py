@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline.loader import Normaliser, split_rows
 from pipeline.store.outliers import DEFAULT_RATIO, excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import Normaliser, split_rows
 
 # The train warning's sample (tokens): enough for an L x L Gram to settle to ~1e-3.
 WARN_SAMPLE_TOKENS = 65_536

@@ -18,7 +18,6 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import load_coder, read_coder_json
 from pipeline.evaluation import html_report, recovery, report
 from pipeline.evaluation import latent_details as ld
 from pipeline.evaluation import results as tables
@@ -42,7 +41,6 @@ from pipeline.evaluation.splice import (
 )
 from pipeline.evaluation.top_contexts import TokenView, store_decode
 from pipeline.harvest.models import resolve_device
-from pipeline.loader import ActivationLoader, Normaliser
 from pipeline.paths import (
     EvaluationPaths,
     ReportPaths,
@@ -53,7 +51,9 @@ from pipeline.paths import (
 from pipeline.store.catalog import find_store
 from pipeline.store.outliers import outlier_scan
 from pipeline.store.reader import ActivationStore, StoreError
-from pipeline.train_manifest import CoderManifest, load_coder_manifest, recorded_manifest
+from pipeline.training.checkpoint import load_coder, read_coder_json
+from pipeline.training.loader import ActivationLoader, Normaliser
+from pipeline.training.manifest import CoderManifest, load_coder_manifest, recorded_manifest
 from stages.train import open_cache, run_paths, store_layers
 
 

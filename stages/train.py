@@ -24,25 +24,25 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from pipeline.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
-from pipeline.ddp import init_from_env
 from pipeline.harvest.cache_key import cache_key
 from pipeline.harvest.models import resolve_device
-from pipeline.loader import ActivationLoader, split_rows
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
 from pipeline.paths import RunPaths, default_runs_root, run_dir
-from pipeline.run_record import RunRecord
 from pipeline.spectrum import train_warning
 from pipeline.store.catalog import find_store, write_run_name
 from pipeline.store.format import atomic_write_json
 from pipeline.store.locks import exclusive_lock
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore, StoreError
-from pipeline.train_manifest import CoderManifest, check_coder_section
-from pipeline.trainer import CoderRun, new_coder_run
-from pipeline.validation import held_out_terms, validation_sample
+from pipeline.training.checkpoint import CheckpointError, verify_checkpoint, warn
+from pipeline.training.ddp import init_from_env
+from pipeline.training.loader import ActivationLoader, split_rows
+from pipeline.training.manifest import CoderManifest, check_coder_section
+from pipeline.training.run_record import RunRecord
+from pipeline.training.trainer import CoderRun, new_coder_run
+from pipeline.training.validation import held_out_terms, validation_sample
 
 
 @dataclass(frozen=True)
@@ -238,7 +238,8 @@ def _train_group(
 def run(manifests: list[tuple[CoderManifest, Path]]) -> list[TrainResult]:
     """Train every manifest (``(manifest, base dir for relative paths)``) from its cache.
 
-    Under torchrun (WORLD_SIZE > 1) every rank trains its rows of each batch (pipeline/ddp.py).
+    Under torchrun (WORLD_SIZE > 1) every rank trains its rows of each batch
+    (pipeline/training/ddp.py).
     """
     with ExitStack() as locks:
         return _run_locked(manifests, locks)

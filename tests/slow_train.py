@@ -4,8 +4,8 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.train_manifest import CoderManifest
-from pipeline.trainer import CoderRun
+from pipeline.training.manifest import CoderManifest
+from pipeline.training.trainer import CoderRun
 from stages import train
 
 original_step = CoderRun.train_step

@@ -14,8 +14,8 @@ from torch.utils.data import DataLoader
 
 import pipeline
 from pipeline import load_coder, load_results, open_store
-from pipeline.checkpoint import load_coder as load_checkpoint
-from pipeline.loader import split_rows
+from pipeline.training.checkpoint import load_coder as load_checkpoint
+from pipeline.training.loader import split_rows
 from stages import evaluate
 from tests.trained_runs import TrainedRuns, train_tiny_runs
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import checkpoint as ckpt
 from pipeline.coders import build_coder, coder_config_from_dict
+from pipeline.training import checkpoint as ckpt
 
 L, D = 3, 8
 

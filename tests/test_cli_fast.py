@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import train
 
 HEAVY = ("torch", "transformer_lens", "dask", "zarr", "transformers", "pyarrow")

@@ -14,8 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.ddp import DistributedContext
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.ddp import DistributedContext
+from pipeline.training.manifest import CoderManifest
 from stages import train
 
 PIPELINE = Path(sys.executable).with_name("pipeline")  # the console script torchrun runs
@@ -150,8 +150,8 @@ def decoded_dir(tmp_path, monkeypatch) -> Path:
 def test_each_rank_gathers_only_its_rows_of_the_same_global_batches(tiny_store, decoded_dir, mode):
     """The ranks' batches put together are one process's batches, row for row (stream: one
     process with as many strata as ranks); each rank gathers, or decodes, about its share."""
-    from pipeline.loader import ActivationLoader
     from pipeline.store.reader import ActivationStore
+    from pipeline.training.loader import ActivationLoader
 
     store = ActivationStore(tiny_store)
     common = {"batch_size": 101, "mode": mode, "seed": 2, "window_bytes": 1 << 40}

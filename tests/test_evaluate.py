@@ -23,7 +23,7 @@ from pipeline.cli import main
 from pipeline.evaluation.results import run_id
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import EvaluationPaths, ReportPaths, RunPaths
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import evaluate, harvest, train
 from tests.conftest import merge, tiny_manifest_dict
 from tests.helpers import QuietHTTPServer

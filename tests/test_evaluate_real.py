@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import ReportPaths
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import evaluate, harvest, train
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.experiment_manifest import load_experiment, variant_manifests
 from pipeline.manifests.harvest import load_harvest_manifest
-from pipeline.train_manifest import load_coder_manifest
+from pipeline.training.manifest import load_coder_manifest
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

@@ -11,15 +11,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import save_coder
 from pipeline.coders import build_coder, coder_config_from_dict
-from pipeline.export import (
+from pipeline.training.checkpoint import save_coder
+from pipeline.training.export import (
     ExportError,
     dictionary_learning_forward,
     export_run,
     saelens_forward,
 )
-from pipeline.run_record import RunRecord, read_record
+from pipeline.training.run_record import RunRecord, read_record
 
 L, D = 3, 8
 

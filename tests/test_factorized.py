@@ -332,8 +332,8 @@ def _forbid(what: str):
 
 
 def test_cp_coder_trains_on_the_tiny_store(tiny_store):
-    from pipeline.loader import ActivationLoader
     from pipeline.store.reader import ActivationStore
+    from pipeline.training.loader import ActivationLoader
 
     store = ActivationStore(tiny_store)
     cfg = {
@@ -369,7 +369,7 @@ def test_cp_coder_trains_and_evaluates_end_to_end(tiny_store, tmp_path, monkeypa
 
     from pipeline import paths
     from pipeline.paths import ReportPaths
-    from pipeline.train_manifest import CoderManifest
+    from pipeline.training.manifest import CoderManifest
     from stages import evaluate, train
 
     monkeypatch.setattr(paths, "data_dir", lambda: tmp_path / "data")  # the floor cache

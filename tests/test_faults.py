@@ -20,7 +20,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import save_coder
 from pipeline.cli import main
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.experiment_manifest import load_experiment
@@ -28,7 +27,8 @@ from pipeline.manifests.io import ManifestError
 from pipeline.paths import RunPaths, StorePaths
 from pipeline.store.locks import LockedError, exclusive_lock
 from pipeline.store.reader import ActivationStore, StoreError
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.checkpoint import save_coder
+from pipeline.training.manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_real_small, harvest_tiny
 
@@ -564,7 +564,7 @@ def test_store_and_checkpoint_faults_on_the_real_model(tmp_path, monkeypatch, ca
 
 def test_yaml_exponent_without_a_dot_is_a_float(tmp_path):
     """YAML 1.1 reads 3e-4 as a string; strict manifests would then refuse a normal lr."""
-    from pipeline.train_manifest import load_coder_manifest
+    from pipeline.training.manifest import load_coder_manifest
 
     path = tmp_path / "c.yaml"
     path.write_text("name: c\ncache: {key: abc}\ncoder: {kind: crosscoder}\ntraining: {lr: 3e-4}\n")

@@ -16,12 +16,12 @@ from numcodecs import Shuffle
 from pydantic import ValidationError
 
 from pipeline.harvest.cache_key import cache_key
-from pipeline.loader import ActivationLoader, split_rows
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.readers import ChunkDecoder, Normaliser, gpu_decode
 from pipeline.store import format as store_format
 from pipeline.store.reader import ActivationStore
-from pipeline.train_manifest import TrainRunSpec
+from pipeline.training.loader import ActivationLoader, split_rows
+from pipeline.training.manifest import TrainRunSpec
+from pipeline.training.readers import ChunkDecoder, Normaliser, gpu_decode
 from stages import harvest
 from tests.helpers import TINY
 
@@ -233,7 +233,7 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
     wrapper.write_text(
         "import runpy, sys\n"
         "sys.path.insert(0, 'bench')\n"
-        "from pipeline.readers import gpu_decode\n"
+        "from pipeline.training.readers import gpu_decode\n"
         "gpu_decode.frame_decoder_for = lambda device: gpu_decode.CpuFrames(device)\n"
         f"sys.argv = ['bench/train.py', *{args!r}]\n"
         "runpy.run_path('bench/train.py', run_name='__main__')\n"
@@ -264,7 +264,7 @@ def test_train_bench_gpu_decode_path_runs_on_the_cpu(tmp_path):
 
 
 def test_nvcomp_pin_follows_the_cuda_major_version():
-    from pipeline.readers.gpu_decode import nvcomp_pin
+    from pipeline.training.readers.gpu_decode import nvcomp_pin
 
     assert nvcomp_pin("12.8").startswith("nvidia-nvcomp-cu12==")
     assert nvcomp_pin("13.0").startswith("nvidia-nvcomp-cu13==")
@@ -285,7 +285,7 @@ def test_gpu_wheels_cover_every_package_the_gpu_bench_imports():
 
     probe = (
         "import sys; sys.path.insert(0, 'bench'); import train, storage_layout; "
-        "import pipeline.readers.gpu_decode; "
+        "import pipeline.training.readers.gpu_decode; "
         "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
     )
     done = subprocess.run(

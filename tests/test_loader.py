@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.store.format import from_storage_numpy
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import ActivationLoader, Normaliser, split_rows
 from stages import harvest
 from tests.helpers import TINY, harvest_tiny
 
@@ -224,21 +224,21 @@ def test_auto_picks_by_budget(store, tmp_path):
 
 
 def test_auto_streams_when_neither_budget_allows(store, monkeypatch):
-    monkeypatch.setattr("pipeline.readers.budget.disk_budget", lambda path: 0)
+    monkeypatch.setattr("pipeline.training.readers.budget.disk_budget", lambda path: 0)
     loader = ActivationLoader(store, batch_size=8, resident_max_bytes=1)
     assert loader.mode == "stream"
     assert "disk budget" in loader.describe()["reason"]
 
 
 def test_resident_budget_comes_from_the_device():
-    from pipeline.readers.budget import available_ram, resident_budget
+    from pipeline.training.readers.budget import available_ram, resident_budget
 
     budget = resident_budget(torch.device("cpu"), fraction=0.5)
     assert 0 < budget <= available_ram()
 
 
 def test_stream_window_defaults_to_a_million_tokens_when_ram_allows(monkeypatch):
-    from pipeline.readers import budget
+    from pipeline.training.readers import budget
 
     monkeypatch.setattr(budget, "available_ram", lambda: 64 << 30)
     assert budget.stream_window_rows(row_bytes=1000) >= 1 << 20
@@ -276,7 +276,7 @@ def test_concurrent_memmap_loaders_decode_the_split_once(store, decoded_dir):
     """Two loaders (torchrun ranks) wanting the same decoded file: one builds it."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.readers import decoded_file
+    from pipeline.training.readers import decoded_file
 
     built = []
     original = decoded_file.build

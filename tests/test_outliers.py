@@ -8,10 +8,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.loader import ActivationLoader, Normaliser, split_rows
 from pipeline.store import outliers
 from pipeline.store.reader import ActivationStore
-from pipeline.train_manifest import recorded_manifest
+from pipeline.training.loader import ActivationLoader, Normaliser, split_rows
+from pipeline.training.manifest import recorded_manifest
 
 
 class ArrayStore:
@@ -173,7 +173,7 @@ def test_spectrum_cli_reads_the_kept_tokens_and_says_what_it_dropped(tiny_store,
 
 def test_a_ratio_at_or_below_one_is_a_one_line_error_naming_the_field():
     from pipeline.manifests.io import ManifestError, validate
-    from pipeline.train_manifest import CoderManifest
+    from pipeline.training.manifest import CoderManifest
 
     data = {"name": "x", "cache": {"key": "abc"}, "coder": {"kind": "crosscoder"}}
     with pytest.raises(ManifestError) as err:
@@ -188,7 +188,7 @@ def test_evaluate_refuses_runs_that_drop_different_tokens(tiny_store, data_dir, 
     from click.testing import CliRunner
 
     from pipeline.cli import main
-    from pipeline.train_manifest import CoderManifest
+    from pipeline.training.manifest import CoderManifest
     from stages import train
 
     store = ActivationStore(tiny_store)

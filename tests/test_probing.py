@@ -31,7 +31,7 @@ from pipeline.evaluation.run_metrics import (
     stream_pass,
     union_layers,
 )
-from pipeline.loader import Normaliser
+from pipeline.training.loader import Normaliser
 from tests.test_reconstruction_metrics import LinearReluCoder
 
 L, D, M, N = 2, 16, 64, 6000

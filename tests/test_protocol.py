@@ -14,11 +14,11 @@ from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.coders.base import layer_fvu, resolve_dead_after_tokens
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
 from pipeline.experiment_manifest import ExperimentManifest, variant_manifests
-from pipeline.loader import split_rows, validation_documents
 from pipeline.protocol import beyond_edge, choose_lr, cost_line, lr_sweep_runs, protocol_runs
 from pipeline.results_table import protocol_table, render_markdown
 from pipeline.store.reader import ActivationStore
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.loader import split_rows, validation_documents
+from pipeline.training.manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_tiny
 
@@ -130,7 +130,7 @@ def test_zero_step_control_saves_the_initialised_coder(cache_root, tmp_path):
     manifest = _manifest(cache_root, tmp_path, "control", tokens=0)
     (result,) = train.run([(manifest, tmp_path)])
     assert result.steps == 0
-    from pipeline.checkpoint import load_coder
+    from pipeline.training.checkpoint import load_coder
 
     saved = load_coder(result.run_dir / "final")
     config = coder_config_from_dict({**CROSSCODER, "n_layers": 4, "d_model": 64})

@@ -17,7 +17,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import evaluate, train
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")

@@ -9,12 +9,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.checkpoint import load_coder, read_coder_json
 from pipeline.cli import main
-from pipeline.export import dictionary_learning_forward, saelens_forward
-from pipeline.loader import Normaliser
-from pipeline.run_record import read_record
 from pipeline.store.reader import ActivationStore
+from pipeline.training.checkpoint import load_coder, read_coder_json
+from pipeline.training.export import dictionary_learning_forward, saelens_forward
+from pipeline.training.loader import Normaliser
+from pipeline.training.run_record import read_record
 from tests.trained_runs import TrainedRuns, train_tiny_runs
 
 

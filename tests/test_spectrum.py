@@ -149,8 +149,8 @@ def test_cli_spectrum_on_the_tiny_store(tiny_store: Path):
 
 
 def test_spectrum_reads_the_training_split_only(tiny_store: Path):
-    from pipeline.loader import split_rows
     from pipeline.store.reader import ActivationStore
+    from pipeline.training.loader import split_rows
 
     store = ActivationStore(tiny_store)
     layers = list(range(store.n_layers))
@@ -161,7 +161,7 @@ def test_spectrum_reads_the_training_split_only(tiny_store: Path):
 
 
 def _manifest(store: Path, runs: Path, name: str, coder: dict):
-    from pipeline.train_manifest import CoderManifest
+    from pipeline.training.manifest import CoderManifest
 
     return CoderManifest.model_validate(
         {

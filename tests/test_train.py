@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from pipeline.cli import main
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_tiny
 

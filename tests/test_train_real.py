@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_real_small
 

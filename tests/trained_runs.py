@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.train_manifest import CoderManifest
+from pipeline.training.manifest import CoderManifest
 from stages import train
 
 SAE = {"kind": "per_layer_sae", "latents_per_layer": 32, "activation": "topk", "k": 4}

@@ -1,4 +1,7 @@
-"""Coder architectures, registered by name: each file holds one architecture and its config."""
+"""Layer 4 of 7: coder architectures, registered by name; one file holds one and its config.
+
+Imports only ``pipeline.manifests`` (strict config typing).
+"""
 
 from __future__ import annotations
 

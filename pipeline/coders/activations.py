@@ -29,7 +29,7 @@ def topk_codes(pre: Tensor, k: int, n_groups: int = 1) -> Tensor:
 
 def pool_groups(t: Tensor, n_groups: int) -> Tensor:
     """``[batch, G * m]`` -> ``[G, batch * m]``: each group's values over the whole batch
-    in one row (BatchTopK selects there; pipeline/ddp.py does too, across ranks)."""
+    in one row (BatchTopK selects there; pipeline/training/ddp.py does too, across ranks)."""
     return _grouped(t, n_groups).transpose(0, 1).reshape(n_groups, -1)
 
 

@@ -414,7 +414,7 @@ class SparseCoder(Coder):
 
     def record_firing(self, fired: Tensor, rows: int) -> None:
         """Dead-latent counters advance by ``rows`` and reset where a latent ``fired``
-        (pipeline/ddp.py passes the global batch's)."""
+        (pipeline/training/ddp.py passes the global batch's)."""
         self.tokens_since_fired.add_(rows).masked_fill_(fired, 0)
         if self._since_fired_bound is not None:
             self._since_fired_bound += rows

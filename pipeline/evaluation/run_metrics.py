@@ -37,8 +37,8 @@ from pipeline.evaluation.reconstruction import (
     SparsityResult,
 )
 from pipeline.evaluation.top_contexts import TopContexts
-from pipeline.loader import ActivationLoader, Normaliser
 from pipeline.spectrum import CP_SAMPLE_TOKENS, accumulator_for, decoder_floor, floor_fvu
+from pipeline.training.loader import ActivationLoader, Normaliser
 
 # Activation histograms: fixed log10 bins (normalised code units) so one pass serves every
 # latent without knowing its range in advance; values outside land in the end bins.

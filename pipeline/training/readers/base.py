@@ -174,7 +174,7 @@ class ChunkDecoder:
 
 def rank_rows(n: int, rank: int, world: int) -> slice:
     """Rank ``rank``'s contiguous rows of an ``n``-row global batch (sizes differ by at most
-    one); pipeline/ddp.py slices the same way."""
+    one); pipeline/training/ddp.py slices the same way."""
     return slice(rank * n // world, (rank + 1) * n // world)
 
 

@@ -29,9 +29,9 @@ import crc32c
 import numpy as np
 import torch
 
-from pipeline.readers.base import ChunkDecoder, Normaliser
 from pipeline.store.format import TORCH_STORAGE
 from pipeline.store.reader import ActivationStore
+from pipeline.training.readers.base import ChunkDecoder, Normaliser
 
 # nvCOMP's Python package per CUDA major version (bench/gpu_loader.sh and
 # bench/gpu_wheels.sh install the one torch's CUDA needs)

@@ -8,7 +8,7 @@ from functools import partial
 
 import torch
 
-from pipeline.readers.base import (
+from pipeline.training.readers.base import (
     ChunkDecoder,
     Normaliser,
     Reader,

@@ -17,8 +17,8 @@ from functools import partial
 import numpy as np
 import torch
 
-from pipeline.readers import decoded_file
-from pipeline.readers.base import (
+from pipeline.training.readers import decoded_file
+from pipeline.training.readers.base import (
     ChunkDecoder,
     Normaliser,
     Reader,

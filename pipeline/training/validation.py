@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from pipeline.coders.base import Coder, layer_fvu
-from pipeline.loader import ActivationLoader
-from pipeline.readers.base import seeded_generator
 from pipeline.store.reader import ActivationStore
+from pipeline.training.loader import ActivationLoader
+from pipeline.training.readers.base import seeded_generator
 
 
 def validation_sample(

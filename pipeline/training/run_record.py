@@ -5,7 +5,7 @@ A run's ``final/`` holds ``normalisation.safetensors``: the per-layer ``mean`` `
 the hook names, model identity, stored dtype, cache key and run name in its header. With it,
 ``x_norm = (x - centre * mean) * scale`` is known exactly, so the coder can be applied to raw
 activations (``pipeline.api.load_coder``) or exported with normalisation folded in
-(``pipeline.export``). Runs trained before this file existed are read from their cache.
+(``pipeline.training.export``). Runs trained before this file existed are read from their cache.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class RunRecord:
     ) -> RunRecord:
         """The record of a coder trained on ``layers`` of ``store`` (an ActivationStore),
         normalised over the tokens ``outliers`` (an OutlierScan, or None) keeps."""
-        from pipeline.loader import Normaliser
+        from pipeline.training.loader import Normaliser
 
         norm = Normaliser.from_store(store, layers, centre, outliers)
         material = store.manifest.get("key_material", {})
@@ -127,10 +127,10 @@ def load_record(checkpoint: Path, cache_root: Path | None = None) -> RunRecord:
     record = read_record(checkpoint)
     if record is not None:
         return record
-    from pipeline.checkpoint import read_coder_json
     from pipeline.store.catalog import find_store
     from pipeline.store.outliers import outlier_scan
-    from pipeline.train_manifest import recorded_manifest
+    from pipeline.training.checkpoint import read_coder_json
+    from pipeline.training.manifest import recorded_manifest
 
     run_json = checkpoint.parent / "coder_manifest.json"
     doc = json.loads(run_json.read_text()) if run_json.is_file() else {}

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from pipeline.run_record import RunRecord
+from pipeline.training.run_record import RunRecord
 
 FORMATS = ("saelens", "dictionary_learning")
 SAELENS_VERSION = "6.54.12"  # the SAELens whose layout this writes (bench/export_roundtrip.py)
@@ -237,8 +237,8 @@ def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path
 
 def export_run(checkpoint: Path, fmt: str, out: Path, cache_root: Path | None = None) -> list[Path]:
     """Export a run's final checkpoint (or any checkpoint directory); returns what it wrote."""
-    from pipeline.checkpoint import load_coder
-    from pipeline.run_record import load_record
+    from pipeline.training.checkpoint import load_coder
+    from pipeline.training.run_record import load_record
 
     if fmt not in FORMATS:
         raise ExportError(f"--format must be one of {', '.join(FORMATS)}, not {fmt!r}")

@@ -12,7 +12,7 @@ spreads each rank's rows over all of its chunks); ``check_batches`` tells the co
 step's global batch size. Gradients are summed
 by hand in one flat all-reduce instead of DistributedDataParallel: the coders are trained
 through ``training_loss``, not ``forward``, and their batch-level state needs collectives of
-its own. Rank 0 alone writes checkpoints, logs and the final coder (pipeline/trainer.py).
+its own. Rank 0 alone writes checkpoints, logs and the final coder (pipeline/training/trainer.py).
 
 What a coder computes over the whole batch is made global for the step, so the weights
 match one process to float rounding:
@@ -43,7 +43,7 @@ from torch import Tensor
 
 from pipeline.coders.activations import BatchTopK, pool_groups, unpool_groups
 from pipeline.coders.base import LossOutput, SparseCoder
-from pipeline.readers.base import rank_rows
+from pipeline.training.readers.base import rank_rows
 
 
 def init_from_env() -> DistributedContext | None:

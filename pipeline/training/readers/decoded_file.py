@@ -20,9 +20,9 @@ import crc32c
 import numpy as np
 
 from pipeline.paths import decoded_split_file
-from pipeline.readers.base import ChunkDecoder
 from pipeline.store.format import NUMPY_STORAGE, atomic_write_json, fsync_dir, to_storage_numpy
 from pipeline.store.locks import exclusive_lock
+from pipeline.training.readers.base import ChunkDecoder
 
 VERIFY_BLOCK_BYTES = 64 << 20
 

@@ -18,7 +18,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.checkpoint import (
+from pipeline.coders import build_coder
+from pipeline.coders.base import Coder
+from pipeline.paths import RunPaths
+from pipeline.store.format import atomic_write_bytes, atomic_write_json
+from pipeline.training.checkpoint import (
     OPTIMIZER_FILE,
     CheckpointError,
     flatten_state,
@@ -31,15 +35,11 @@ from pipeline.checkpoint import (
     verify_checkpoint,
     warn,
 )
-from pipeline.coders import build_coder
-from pipeline.coders.base import Coder
-from pipeline.paths import RunPaths
-from pipeline.store.format import atomic_write_bytes, atomic_write_json
-from pipeline.train_manifest import CoderManifest, TrainingSpec
+from pipeline.training.manifest import CoderManifest, TrainingSpec
 
 if TYPE_CHECKING:
-    from pipeline.ddp import DistributedContext
-    from pipeline.run_record import RunRecord
+    from pipeline.training.ddp import DistributedContext
+    from pipeline.training.run_record import RunRecord
 
 
 KEEP_CHECKPOINTS = 2  # the newest, and one to resume from if the newest is damaged
@@ -71,7 +71,7 @@ class CoderRun:
     optimizer: torch.optim.Optimizer = field(init=False)
     log_time: float = field(default_factory=time.perf_counter)
     log_step: int = 0
-    dist: DistributedContext | None = None  # torchrun: this rank's place (pipeline/ddp.py)
+    dist: DistributedContext | None = None  # torchrun: this rank's place (pipeline/training/ddp.py)
     record: RunRecord | None = None  # normalisation + provenance, saved beside the final weights
 
     def __post_init__(self) -> None:
@@ -106,7 +106,7 @@ class CoderRun:
         with self.autocast():
             if self.dist is None:
                 out = self.coder.training_loss(batch, self.step, self.total_steps)
-            else:  # this rank's rows of the global batch (pipeline/ddp.py)
+            else:  # this rank's rows of the global batch (pipeline/training/ddp.py)
                 out = self.dist.training_loss(self.coder, batch, self.step, self.total_steps)
         self.optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
@@ -142,7 +142,8 @@ class CoderRun:
             "cache_key": self.cache_key,
             "manifest": self.manifest.model_dump(mode="json"),
         }
-        if self.record is not None:  # final/ then works without the cache (pipeline/export.py)
+        # final/ then works without the cache (pipeline/training/export.py)
+        if self.record is not None:
             extra.update(self.record.metadata())
             self.paths.final.mkdir(parents=True, exist_ok=True)
             self.record.write(self.paths.final)

@@ -1,4 +1,4 @@
-"""One reader per loader mode behind one interface (``Reader``); pipeline/loader.py picks.
+"""One reader per loader mode behind one interface (``Reader``); pipeline/training/loader.py picks.
 
 * ``resident``: the split decoded once onto the device, shuffled there (resident.py);
 * ``memmap``: the split decoded once into an uncompressed file, served by sorted random-row
@@ -8,11 +8,11 @@
 budget.py holds the one function that chooses between them.
 """
 
-from pipeline.readers.base import ChunkDecoder, Normaliser, Reader, seeded_generator
-from pipeline.readers.budget import ModeChoice, choose_mode
-from pipeline.readers.memmap import MemmapReader
-from pipeline.readers.resident import ResidentReader
-from pipeline.readers.stream import StreamReader
+from pipeline.training.readers.base import ChunkDecoder, Normaliser, Reader, seeded_generator
+from pipeline.training.readers.budget import ModeChoice, choose_mode
+from pipeline.training.readers.memmap import MemmapReader
+from pipeline.training.readers.resident import ResidentReader
+from pipeline.training.readers.stream import StreamReader
 
 __all__ = [
     "ChunkDecoder",

@@ -2,7 +2,7 @@
 
 Three modes with one contract (every selected token exactly once per epoch, order fixed by
 ``seed`` and the epoch number, exact resume with ``skip_batches``), each a reader in
-pipeline/readers/:
+pipeline/training/readers/:
 
 * ``resident``: the split decoded once onto the device, shuffled there with ``randperm``;
 * ``memmap``: the split decoded once into an uncompressed file beside the caches, served
@@ -15,8 +15,8 @@ free memory, or ``resident_max_bytes``), else memmap when the disk allows, else 
 ``describe()`` says which and why (stages/train.py records it).
 
 ``decode: gpu`` decompresses a zstd-gpu store's chunks with nvCOMP on the device
-(pipeline/readers/gpu_decode.py). ``share = (rank, world)`` (torchrun) yields only that
-rank's rows of each global batch, and gathers only those (pipeline/ddp.py); in stream mode
+(pipeline/training/readers/gpu_decode.py). ``share = (rank, world)`` (torchrun) yields only that
+rank's rows of each global batch, and gathers only those (pipeline/training/ddp.py); in stream mode
 it decodes only its strata's segment of each window (``stream_strata``, default the world
 size: the batches depend on it, never on the number of ranks).
 """
@@ -29,7 +29,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from pipeline.readers import (
+from pipeline.store.outliers import excluded_rows, outlier_scan
+from pipeline.store.reader import ActivationStore
+from pipeline.training.readers import (
     ChunkDecoder,
     MemmapReader,
     Normaliser,
@@ -40,9 +42,7 @@ from pipeline.readers import (
     decoded_file,
     gpu_decode,
 )
-from pipeline.readers.budget import resident_budget, stream_window_rows
-from pipeline.store.outliers import excluded_rows, outlier_scan
-from pipeline.store.reader import ActivationStore
+from pipeline.training.readers.budget import resident_budget, stream_window_rows
 
 __all__ = ["ActivationLoader", "Normaliser", "split_rows"]
 

@@ -27,7 +27,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from pipeline.readers.base import (
+from pipeline.training.readers.base import (
     ChunkDecoder,
     Normaliser,
     Reader,
