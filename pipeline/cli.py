@@ -522,7 +522,7 @@ def _parse_ints(text: str, option: str) -> list[int]:
     "--cp-tokens",
     type=click.IntRange(min=1),
     default=None,
-    help="Tokens in the cp sample (default: pipeline.spectrum.CP_SAMPLE_TOKENS).",
+    help="Tokens in the cp sample (default: pipeline.evaluation.spectrum.CP_SAMPLE_TOKENS).",
 )
 @click.option(
     "--outlier-ratio",
@@ -556,8 +556,7 @@ def spectrum(
       pipeline spectrum manifests/harvest/smollm2-wiki-cpu-large.yaml --layers all
       pipeline spectrum 8cdf9041 --cp-ranks 256,1024,2560 --json
     """
-    from pipeline import spectrum as sp
-
+    from pipeline.evaluation import spectrum as sp
     store = _open_spectrum_cache(cache, cache_root)
     chosen = sp.store_layers(store, "all" if layers == "all" else _parse_ints(layers, "--layers"))
     if 0 < outlier_ratio <= 1:

@@ -25,12 +25,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
+from pipeline.evaluation.spectrum import train_warning
 from pipeline.harvest.cache_key import cache_key
 from pipeline.harvest.models import resolve_device
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
 from pipeline.paths import RunPaths, default_runs_root, run_dir
-from pipeline.spectrum import train_warning
 from pipeline.store.catalog import find_store, write_run_name
 from pipeline.store.format import atomic_write_json
 from pipeline.store.locks import exclusive_lock

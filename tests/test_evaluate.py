@@ -256,7 +256,7 @@ def test_openai_judge_ratings_reach_the_results(runs, tmp_path, monkeypatch) -> 
 
 
 def test_floor_fvu_only_for_a_floored_decoder(report: Path, runs: list[Path]) -> None:
-    from pipeline import spectrum as sp
+    from pipeline.evaluation import spectrum as sp
     from pipeline.store.reader import ActivationStore
 
     summary = json.loads(ReportPaths(report).summary.read_text())

@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline import spectrum as sp
 from pipeline.cli import main
 from pipeline.coders import coder_config_from_dict
+from pipeline.evaluation import spectrum as sp
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
-from pipeline.spectrum import DecoderFloor, MomentAccumulator
+from pipeline.evaluation.spectrum import DecoderFloor, MomentAccumulator
 from pipeline.store.outliers import DEFAULT_RATIO
 
 N, L, D = 4000, 5, 6

@@ -36,8 +36,8 @@ from pipeline.evaluation.reconstruction import (
     SparsityAccumulator,
     SparsityResult,
 )
+from pipeline.evaluation.spectrum import CP_SAMPLE_TOKENS, accumulator_for, decoder_floor, floor_fvu
 from pipeline.evaluation.top_contexts import TopContexts
-from pipeline.spectrum import CP_SAMPLE_TOKENS, accumulator_for, decoder_floor, floor_fvu
 from pipeline.training.loader import ActivationLoader, Normaliser
 
 # Activation histograms: fixed log10 bins (normalised code units) so one pass serves every
@@ -141,7 +141,7 @@ class VariantResult:
     token_features: sparse.csr_matrix | None
     token_index: np.ndarray
     doc_features: np.ndarray | None  # [n_docs, m] pooled (decoder norms folded in)
-    floor_fvu: float | None = None  # best FVU of the decoder's subspace (pipeline.spectrum)
+    floor_fvu: float | None = None  # best FVU of the decoder's subspace (pipeline.evaluation.spectrum)
 
 
 class VariantPass:
