@@ -406,7 +406,7 @@ def run_experiment(experiment: Path, results_root: Path | None, device: str | No
     Example:
       pipeline run manifests/experiments/smoke.yaml
     """
-    from pipeline.results_table import render_markdown
+    from pipeline.experiment.results_table import render_markdown
     from stages import experiment as experiment_stage
 
     result = experiment_stage.run(experiment, results_root, device)
@@ -557,6 +557,7 @@ def spectrum(
       pipeline spectrum 8cdf9041 --cp-ranks 256,1024,2560 --json
     """
     from pipeline.evaluation import spectrum as sp
+
     store = _open_spectrum_cache(cache, cache_root)
     chosen = sp.store_layers(store, "all" if layers == "all" else _parse_ints(layers, "--layers"))
     if 0 < outlier_ratio <= 1:

@@ -13,7 +13,7 @@ Layout::
       runs/<key>/<coder-hash>/          a training run (RunPaths)
       runs/<key>/<coder-hash>/evaluation/   that run's latest evaluation (EvaluationPaths)
       reports/<key>-<digest>/           a side-by-side evaluation report (ReportPaths)
-      spectrum/<key>-<layers>-<c|u>.json  cached decoder floor FVUs (pipeline/evaluation/spectrum.py)
+      spectrum/<key>-<layers>-<c|u>.json  cached decoder floor FVUs (evaluation/spectrum.py)
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Experiment stage: one harvest, the protocol's runs trained from it, one evaluation, one
 table.
 
-The protocol (pipeline/protocol.py): a per-variant learning-rate sweep chosen on the
+The protocol (pipeline/experiment/protocol.py): a per-variant learning-rate sweep chosen on the
 validation split, every variant once per seed, an untrained control per seed, and a
 sparsity sweep for the L0-FVU frontier. Each step is skipped when its output exists
 (cache hit, finished run, evaluation of the same runs), so an interrupted experiment
@@ -16,12 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.evaluation.results import run_id
-from pipeline.experiment_manifest import ExperimentManifest, load_experiment, variant_manifests
-from pipeline.frontier import plot_frontier, slug
-from pipeline.manifests.harvest import load_harvest_manifest
-from pipeline.manifests.io import ManifestError
-from pipeline.paths import ExperimentPaths, ReportPaths
-from pipeline.protocol import (
+from pipeline.experiment.frontier import plot_frontier, slug
+from pipeline.experiment.manifest import ExperimentManifest, load_experiment, variant_manifests
+from pipeline.experiment.protocol import (
     PlannedRun,
     beyond_edge,
     choose_lr,
@@ -31,13 +28,16 @@ from pipeline.protocol import (
     lr_sweep_runs,
     protocol_runs,
 )
-from pipeline.results_table import (
+from pipeline.experiment.results_table import (
     protocol_table,
     recovery_table,
     render_frontier,
     render_markdown,
     render_recovery,
 )
+from pipeline.manifests.harvest import load_harvest_manifest
+from pipeline.manifests.io import ManifestError
+from pipeline.paths import ExperimentPaths, ReportPaths
 from pipeline.store.format import atomic_write_json
 from stages import evaluate, harvest, train
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.experiment_manifest import load_experiment, variant_manifests
+from pipeline.experiment.manifest import load_experiment, variant_manifests
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.training.manifest import load_coder_manifest
 

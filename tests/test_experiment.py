@@ -10,7 +10,7 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.experiment_manifest import load_experiment
+from pipeline.experiment.manifest import load_experiment
 from pipeline.manifests.io import ManifestError
 from stages import experiment
 

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.coders import build_coder, coder_config_from_dict
-from pipeline.experiment_manifest import load_experiment
+from pipeline.experiment.manifest import load_experiment
 from pipeline.manifests.io import ManifestError
 from pipeline.paths import RunPaths, StorePaths
 from pipeline.store.locks import LockedError, exclusive_lock

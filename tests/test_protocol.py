@@ -13,9 +13,15 @@ import torch
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.coders.base import layer_fvu, resolve_dead_after_tokens
 from pipeline.evaluation.reconstruction import ReconstructionAccumulator
-from pipeline.experiment_manifest import ExperimentManifest, variant_manifests
-from pipeline.protocol import beyond_edge, choose_lr, cost_line, lr_sweep_runs, protocol_runs
-from pipeline.results_table import protocol_table, render_markdown
+from pipeline.experiment.manifest import ExperimentManifest, variant_manifests
+from pipeline.experiment.protocol import (
+    beyond_edge,
+    choose_lr,
+    cost_line,
+    lr_sweep_runs,
+    protocol_runs,
+)
+from pipeline.experiment.results_table import protocol_table, render_markdown
 from pipeline.store.reader import ActivationStore
 from pipeline.training.loader import split_rows, validation_documents
 from pipeline.training.manifest import CoderManifest
@@ -305,7 +311,7 @@ def test_logged_terms_convert_once_and_keep_plain_numbers():
 
 
 def test_recovery_table_folds_seeds_per_variant_and_role() -> None:
-    from pipeline.results_table import recovery_table, render_recovery
+    from pipeline.experiment.results_table import recovery_table, render_recovery
 
     def entry(mmcs: float, spanning: float) -> dict:
         kinds = {"single": {"recovered": 1.0}, "spanning": {"recovered": spanning}}

@@ -207,7 +207,7 @@ def test_train_warns_once_for_a_floored_decoder_only(tiny_store, tmp_path, monke
 
 
 def test_results_table_has_a_floor_column_blank_without_a_floor():
-    from pipeline.results_table import paper_table, protocol_table, render_markdown
+    from pipeline.experiment.results_table import paper_table, protocol_table, render_markdown
 
     base = {"n_latents": 8, "parameters": 10, "l0": 4.0, "fvu": 0.3, "mse": 1.0, "fc": 2.0}
     base |= {"d_eff": 2.0, "judge": "purity", "judge_good": 1, "judge_rated": 2}

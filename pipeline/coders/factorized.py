@@ -10,12 +10,13 @@
 - ``cp`` (CP / PARAFAC): ``W[i, l, :] = sum_r A[i, r] B[l, r] C[r, :]``: every latent mixes
   ``R`` rank-1 cross-layer atoms ``B[:, r] (x) C[r, :]`` shared by all latents. ``R`` may
   exceed ``L``; reconstructions lie in the ``R``-dim span of the atoms in ``R^(L*d)``, so
-  ``R`` must be large (see ``pipeline.evaluation.spectrum.cp_floor_fvu``). The fast path never builds
-  ``W``: encode projects onto the atoms (``[B, L, d] @ C^T``, weighted by ``B``, summed over
+  ``R`` must be large (see ``pipeline.evaluation.spectrum.cp_floor_fvu``). The fast path never
+  builds ``W``: encode projects onto the atoms (``[B, L, d] @ C^T``, weighted by ``B``, summed over
   layers) and then through ``A``; decode goes ``f @ A -> [B, R]``, times ``B``, ``@ C``.
 
 ``shared_basis`` with ``R < L`` and ``cp`` with ``R < L*d`` confine reconstructions to a fixed
-subspace and so have a floor FVU (``pipeline.evaluation.spectrum``); ``dense`` and ``per_latent`` do not.
+subspace and so have a floor FVU (``pipeline.evaluation.spectrum``); ``dense`` and ``per_latent``
+do not.
 A further reading, per-latent layer profiles mixed from a shared set of ``S`` layer profiles,
 is left out on purpose: its layer axis lies in the span of those ``S`` profiles, so it has the
 same floor as ``shared_basis`` at rank ``S`` and adds nothing the two above do not measure.

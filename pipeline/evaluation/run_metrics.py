@@ -141,7 +141,8 @@ class VariantResult:
     token_features: sparse.csr_matrix | None
     token_index: np.ndarray
     doc_features: np.ndarray | None  # [n_docs, m] pooled (decoder norms folded in)
-    floor_fvu: float | None = None  # best FVU of the decoder's subspace (pipeline.evaluation.spectrum)
+    # best FVU of the decoder's subspace (pipeline.evaluation.spectrum)
+    floor_fvu: float | None = None
 
 
 class VariantPass:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
-from pipeline.experiment_manifest import ExperimentManifest, deep_merge
+from pipeline.experiment.manifest import ExperimentManifest, deep_merge
 from pipeline.manifests.io import validate
 from pipeline.paths import RunPaths
 from pipeline.training.manifest import CoderManifest

@@ -2,8 +2,8 @@
 
 Columns in the paper's terms: mean probing F1 (and its change vs the per-layer SAEs),
 reconstruction MSE (and its change vs the standard crosscoder), the floor FVU of a decoder
-confined to a fixed subspace (blank where there is none, see ``pipeline.evaluation.spectrum``), mean functional
-coherence N_eff (and decoder-side D_eff), and the judge's coherent-latent count.
+confined to a fixed subspace (blank where there is none, see ``pipeline.evaluation.spectrum``),
+mean functional coherence N_eff (and decoder-side D_eff), and the judge's coherent-latent count.
 
 ``paper_table`` gives one row per evaluated run; ``protocol_table`` folds the runs of an
 experiment's protocol (seeds, untrained controls) into one row per variant and role with
