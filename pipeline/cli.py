@@ -39,6 +39,12 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _restore_sigterm(previous) -> None:
+    """Put back the handler a command replaced (tests run many commands in one process)."""
+    signal.signal(signal.SIGTERM, previous)
+    _terminated.clear()
+
+
 def _resource_message(err: BaseException) -> str | None:
     """Disk full and out-of-memory anywhere, as one line naming the path or the figure."""
     import errno
@@ -136,7 +142,7 @@ def main(ctx: click.Context, quiet: bool, verbose: int, debug: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     if threading.current_thread() is threading.main_thread():
         previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
-        ctx.call_on_close(functools.partial(signal.signal, signal.SIGTERM, previous_handler))
+        ctx.call_on_close(functools.partial(_restore_sigterm, previous_handler))
     if quiet:  # every tqdm bar (harvest, train, evaluate) reads TQDM_DISABLE
         previous = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"
