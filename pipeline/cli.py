@@ -5,8 +5,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -24,9 +27,44 @@ LAZY_USER_ERRORS = (
 )
 
 
+SIGTERM_EXIT = 143  # 128 + SIGTERM, what a shell and a scheduler expect
+_terminated: list[int] = []  # set by the SIGTERM handler
+
+
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (a scheduler's preemption) unwinds like Ctrl-C: every ``finally`` runs, so
+    locks are released and what was written stays resumable; ``user_errors`` then
+    prints one line and exits 143."""
+    _terminated.append(signum)
+    raise KeyboardInterrupt
+
+
+def _restore_sigterm(previous) -> None:
+    """Put back the handler a command replaced (tests run many commands in one process)."""
+    signal.signal(signal.SIGTERM, previous)
+    _terminated.clear()
+
+
+def _resource_message(err: BaseException) -> str | None:
+    """Disk full and out-of-memory anywhere, as one line naming the path or the figure."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{err.filename or 'a file'}: no space left on device; free space and rerun "
+            "(the partial work is kept and resumes)"
+        )
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, MemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in first or "allocate" in first)
+    ):
+        return f"out of memory: {first or type(err).__name__}; use a smaller coder or batch"
+    return None
+
+
 def is_user_error(err: BaseException) -> bool:
     """Expected failures (bad input, missing cache) rather than bugs."""
-    if isinstance(err, BUILTIN_USER_ERRORS):
+    if isinstance(err, BUILTIN_USER_ERRORS) or _resource_message(err) is not None:
         return True
     for module, name in LAZY_USER_ERRORS:
         cls = getattr(sys.modules.get(module), name, None)
@@ -43,13 +81,22 @@ def user_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            if not _terminated:
+                raise
+            click.echo(
+                "Error: stopped by SIGTERM; locks released, the partial work is kept: "
+                "rerun the same command to resume",
+                err=True,
+            )
+            sys.exit(SIGTERM_EXIT)
         except Exception as err:
             if not is_user_error(err):
                 raise
             context = click.get_current_context(silent=True)
             if context is not None and context.find_root().params.get("debug"):
                 raise
-            raise click.ClickException(str(err)) from None
+            raise click.ClickException(_resource_message(err) or str(err)) from None
 
     return wrapper
 
@@ -93,6 +140,9 @@ def main(ctx: click.Context, quiet: bool, verbose: int, debug: bool) -> None:
         else [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
     )
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if threading.current_thread() is threading.main_thread():
+        previous_handler = signal.signal(signal.SIGTERM, _on_sigterm)
+        ctx.call_on_close(functools.partial(_restore_sigterm, previous_handler))
     if quiet:  # every tqdm bar (harvest, train, evaluate) reads TQDM_DISABLE
         previous = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"
@@ -163,6 +213,12 @@ def harvest(
     status = (
         "cache hit" if result.cache_hit else f"harvested at {result.tokens_per_second:,.0f} tok/s"
     )
+    if result.cache_hit:  # opening it checked sizes and table checksums, not every chunk
+        click.echo(
+            f"note: cache hit not fully verified (chunks unread): `pipeline show {result.key} "
+            "--verify` decodes every chunk",
+            err=True,
+        )
     click.echo(f"{result.key}  {status}  {result.path}")
 
 
@@ -421,10 +477,12 @@ def run_experiment(experiment: Path, results_root: Path | None, device: str | No
 def list_runs(runs_root: Path | None) -> None:
     """List training runs: name, cache, kind, steps, FVU, L0 and state.
 
-    State is complete (final/ written), running (metrics logged in the last 5 minutes),
-    incomplete (stopped; `pipeline train` resumes it) or broken (unreadable record). FVU
-    and L0 are the evaluation's when the run was evaluated, else the last training step's.
-    Each run directory also holds a `name` file with the manifest's name.
+    State is complete (final/ written and its checksums verify), untrained (a tokens: 0
+    control), running (metrics logged in the last 5 minutes), incomplete (stopped;
+    `pipeline train` resumes it) or broken (file: reason) for a run that fails a check.
+    A complete run's FVU and L0 are its last training step's, read from the checksummed
+    final/summary.json; an unfinished run's come from its latest metrics.jsonl line.
+    Each run directory also holds a `name` file with its manifests' names.
 
     \b
     Example:
@@ -442,9 +500,11 @@ def list_runs(runs_root: Path | None) -> None:
     )
     for r in rows:
         steps = f"{r.steps}/{r.total_steps}"
+        fvu = "-" if math.isnan(r.fvu) else f"{r.fvu:.3f}"
+        l0 = "-" if math.isnan(r.l0) else f"{r.l0:.1f}"
         click.echo(
             f"{r.name[:23]:<24}{r.cache[:17]:<18}{r.run_hash:<14}{r.kind:<15}{steps:>12}"
-            f"{r.fvu:>8.3f}{r.l0:>8.1f}  {r.state}"
+            f"{fvu:>8}{l0:>8}  {r.state}"
         )
 
 

@@ -9,6 +9,8 @@ dask scheduler, shards of blocks run on workers instead (stages/distributed_harv
 from __future__ import annotations
 
 import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +29,19 @@ from pipeline.paths import (
     store_dir,
     store_lock,
 )
-from pipeline.store.format import fsync_dir
+from pipeline.store.format import fsync_dir, tree_bytes
 from pipeline.store.locks import exclusive_lock
-from pipeline.store.writer import StoreWriter, write_completion, write_statistics
+from pipeline.store.reader import ActivationStore
+from pipeline.store.writer import (
+    StoreWriter,
+    check_free_space,
+    disk_full_as_one_line,
+    estimate_store_bytes,
+    write_completion,
+    write_statistics,
+)
+
+DAMAGED_SUFFIX = ".damaged"  # a finished store that lost complete.json, while it is replaced
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,30 @@ def resolve_cache_root(manifest: HarvestManifest, cache_root: Path | None = None
     return default_cache_root()
 
 
+def _check_disk(manifest: HarvestManifest, paths: StorePaths, n_hooks: int, d_model: int) -> None:
+    """Refuse before writing when the disk cannot hold the store (less what a killed
+    harvest already wrote), with the figure."""
+    needed = estimate_store_bytes(
+        manifest.tokenization.num_tokens, n_hooks, d_model, manifest.storage.dtype
+    )
+    written = tree_bytes(paths.root) if paths.root.is_dir() else 0
+    check_free_space(paths.root, needed - written, "this harvest (uncompressed upper bound)")
+
+
+def _replace_damaged(final: Path) -> None:
+    """A finished directory without ``complete.json`` is damaged (its record deleted): say
+    so and move it out of the way, so the new harvest can take its place. It is removed
+    only after the new store is complete."""
+    if final.is_dir() and not StorePaths(final).completion.is_file():
+        print(
+            f"warning: {final} has no complete.json (damaged); harvesting it again "
+            "and replacing it",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.replace(final, final.with_name(final.name + DAMAGED_SUFFIX))
+
+
 def _harvest_here(
     manifest: HarvestManifest, paths: StorePaths, material: dict, manifest_source: str
 ) -> tuple[StoreWriter, float]:
@@ -59,12 +95,14 @@ def _harvest_here(
         spec = manifest.model.planted_spec
         names = planted.hook_names(manifest)
         shape = (spec.d_model, spec.n_layers)
+        _check_disk(manifest, paths, len(names), spec.d_model)
         writer = create_store(paths, manifest, material, manifest_source, windows, shape, names)
         return writer, planted.write_planted_blocks(manifest, windows, writer)
     model = load_model(manifest.model, manifest.run.device)
     windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
     hook_names = model.hook_names(manifest.hooks)
     shape = (model.d_model, model.n_layers)
+    _check_disk(manifest, paths, len(hook_names), model.d_model)
     writer = create_store(paths, manifest, material, manifest_source, windows, shape, hook_names)
     return writer, harvest_blocks(model, windows, writer, hook_names, manifest)
 
@@ -91,26 +129,30 @@ def run(
     key = hash_material(material)
     final = store_dir(root, key)
     if StorePaths(final).completion.is_file():
+        ActivationStore(final)  # sizes + table checksums; `pipeline show --verify` does all
         return HarvestResult(key, final, cache_hit=True)
     root.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(store_lock(root, key)):  # waits; the lock file goes on exit
         if StorePaths(final).completion.is_file():  # another process finished it meanwhile
             return HarvestResult(key, final, cache_hit=True)
+        _replace_damaged(final)
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(root, key))
         if scheduler is not None and manifest.model.source == "planted":
             raise ValueError("model.source 'planted' is generated locally: drop --scheduler")
-        if scheduler is None:
-            writer, rate = _harvest_here(manifest, paths, material, manifest_source)
-        else:
-            from stages.distributed_harvest import harvest_on_cluster  # dask only when asked
+        with disk_full_as_one_line(paths.root, f"the store of cache {key}"):
+            if scheduler is None:
+                writer, rate = _harvest_here(manifest, paths, material, manifest_source)
+            else:
+                from stages.distributed_harvest import harvest_on_cluster  # dask when asked
 
-            writer, rate = harvest_on_cluster(
-                manifest, paths, material, manifest_source, scheduler, shard_blocks
-            )
-        summary = writer.finalize(time.perf_counter() - started)
-        write_statistics(paths.stats, summary["totals"], summary["count"])
-        write_completion(paths.completion, summary["record"])
+                writer, rate = harvest_on_cluster(
+                    manifest, paths, material, manifest_source, scheduler, shard_blocks
+                )
+            summary = writer.finalize(time.perf_counter() - started)
+            write_statistics(paths.stats, summary["totals"], summary["count"])
+            write_completion(paths.completion, summary["record"])
         os.replace(paths.root, final)
         fsync_dir(root)
+        shutil.rmtree(final.with_name(final.name + DAMAGED_SUFFIX), ignore_errors=True)
     return HarvestResult(key, final, cache_hit=False, tokens_per_second=rate)

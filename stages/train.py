@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from pipeline.coders import build_coder
 from pipeline.coders.base import resolve_dead_after_tokens, terms_to_floats
 from pipeline.evaluation.spectrum import train_warning
 from pipeline.harvest.cache_key import cache_key
@@ -32,16 +33,23 @@ from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_device, check_writable_dir
 from pipeline.paths import RunPaths, default_runs_root, run_dir
 from pipeline.store.catalog import find_store, write_run_name
-from pipeline.store.format import atomic_write_json
+from pipeline.store.format import atomic_write_json, tree_bytes
 from pipeline.store.locks import exclusive_lock
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore, StoreError
+from pipeline.store.writer import (
+    check_free_space,
+    disk_full_as_one_line,
+    free_bytes,
+    human_bytes,
+)
 from pipeline.training.checkpoint import CheckpointError, verify_checkpoint, warn
 from pipeline.training.ddp import init_from_env
 from pipeline.training.loader import ActivationLoader, split_rows
 from pipeline.training.manifest import CoderManifest, check_coder_section
+from pipeline.training.readers.budget import resident_budget
 from pipeline.training.run_record import RunRecord
-from pipeline.training.trainer import CoderRun, new_coder_run
+from pipeline.training.trainer import KEEP_CHECKPOINTS, CoderRun, new_coder_run
 from pipeline.training.validation import held_out_terms, validation_sample
 
 
@@ -67,8 +75,10 @@ def open_cache(manifest: CoderManifest, base: Path) -> ActivationStore:
     try:
         return find_store(key, root)
     except StoreError as err:
+        if "pipeline harvest" in str(err):  # a damaged store's message already says how
+            raise
         raise StoreError(
-            f"{err}\nThe cache for {harvest_path} is not ready: "
+            f"{err}; the cache for {harvest_path} is not ready: "
             f"run `pipeline harvest {harvest_path}`"
         ) from None
 
@@ -99,6 +109,63 @@ def check_runnable(manifest: CoderManifest, store: ActivationStore, train_tokens
         )
 
 
+OPTIMIZER_COPIES = 3  # bytes per parameter beside the weights: gradient, Adam's two moments
+CHECKPOINTS_ON_DISK = KEEP_CHECKPOINTS + 1  # the kept ones plus the one being written
+
+
+def coder_size(config) -> tuple[int, int]:
+    """(parameters, buffer elements) of the coder ``config`` builds, counted on the meta
+    device: nothing is allocated, so a coder too big for the machine is refused, not built.
+    (The first meta build imports torch._dynamo, ~2.4 s here: ``size_bound`` comes first.)"""
+    with torch.device("meta"):
+        coder = build_coder(config)
+    return (
+        sum(p.numel() for p in coder.parameters()),
+        sum(b.numel() for b in coder.buffers()),
+    )
+
+
+def size_bound(config) -> tuple[int, int]:
+    """A cheap upper bound on ``coder_size``: twice a dense encoder + decoder over every
+    latent and layer, plus every factor of rank R, plus biases; buffers a few per latent."""
+    layers, d = config.n_layers, config.d_model
+    latents = getattr(config, "n_latents", None) or layers * config.latents_per_layer
+    rank = getattr(config, "rank", None) or 0
+    factors = 2 * rank * (latents * layers + latents * d + layers + d)
+    return 4 * latents * layers * d + factors + 2 * (latents + layers * d), 8 * latents
+
+
+def check_resources(manifest: CoderManifest, config, paths: RunPaths) -> None:
+    """Weights + gradient + Adam state must fit the device, and the checkpoints the disk;
+    else one line with the figures, before the run directory exists."""
+    device = resolve_device(manifest.run.device)
+    available = resident_budget(device, fraction=1.0)
+    free = free_bytes(paths.root)
+
+    def needs(params: int, buffers: int) -> tuple[int, int]:
+        memory = 4 * (params * (1 + OPTIMIZER_COPIES) + buffers)
+        return memory, 4 * params * (CHECKPOINTS_ON_DISK * OPTIMIZER_COPIES + 1)
+
+    params, buffers = size_bound(config)
+    memory, disk = needs(params, buffers)
+    if memory <= available and disk <= free:
+        return  # fits even at the bound: no need to count exactly
+    params, buffers = coder_size(config)
+    memory, disk = needs(params, buffers)
+    if memory > available:
+        raise MemoryBudgetError(
+            f"coder manifest '{manifest.name}': field 'coder.n_latents': {params:,} parameters "
+            f"need about {human_bytes(memory)} for weights, gradients and Adam state; "
+            f"{human_bytes(available)} is available on {device}"
+        )
+    existing = tree_bytes(paths.root) if paths.root.is_dir() else 0
+    check_free_space(paths.root, disk - existing, f"run '{manifest.name}' (checkpoints + final)")
+
+
+class MemoryBudgetError(ValueError):
+    """A coder that would not fit in memory; the one-line message gives the figures."""
+
+
 def run_paths(manifest: CoderManifest, cache: str) -> RunPaths:
     """Where a coder manifest's run lives: runs root / cache key / hash of its weights' spec."""
     root = Path(manifest.run.runs_root) if manifest.run.runs_root else default_runs_root()
@@ -115,6 +182,7 @@ def _log(
         record["tokens_per_second"] = tokens_per_second
     with run.paths.metrics.open("a") as handle:
         handle.write(json.dumps(record) + "\n")
+    run.last_log = record
     if writer is not None:
         for key, value in record.items():
             if key != "step":
@@ -287,12 +355,22 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
             rows = split_rows(store, "train", validation_fraction=fraction, exclude=excluded)
             train_tokens[store.key, fraction, ratio] = len(rows)
         check_runnable(manifest, store, train_tokens[store.key, fraction, ratio])
+        check_resources(manifest, config, run_paths(manifest, store.key))
         checked.append((manifest, store, layers, config))
+    same_run: dict[Path, list[str]] = {}  # run dir -> the names of manifests that share it
     for manifest, store, layers, config in checked:
         paths = run_paths(manifest, store.key)
+        if paths.root in same_run:  # same settings, another name: one run, both names kept
+            same_run[paths.root].append(manifest.name)
+            if main:
+                write_run_name(paths.root, manifest.name)
+            continue
+        same_run[paths.root] = [manifest.name]
         if main:
             locks.enter_context(exclusive_lock(paths.lock, wait=False, what="`pipeline train`"))
         if _is_trained(paths, main):
+            if main:
+                write_run_name(paths.root, manifest.name)
             results.append(TrainResult(manifest.name, paths.root, manifest.total_steps(), True))
             continue
         if dist is None or dist.is_main:
@@ -362,8 +440,13 @@ def _run_locked(manifests: list[tuple[CoderManifest, Path]], locks: ExitStack) -
         if dist is not None:
             dist.check_batches(loader.n_tokens, spec.batch_size)
         try:
-            _train_group(runs, loader, manifest.run.progress, held_out)
+            with disk_full_as_one_line(runs[0].paths.root, "checkpoints"):
+                _train_group(runs, loader, manifest.run.progress, held_out)
         finally:
             loader.close()
         results.extend(TrainResult(r.manifest.name, r.paths.root, r.step, False) for r in runs)
-    return results
+    return [
+        TrainResult(alias, r.run_dir, r.steps, r.skipped)
+        for r in results
+        for alias in same_run.get(r.run_dir, [r.name])
+    ]

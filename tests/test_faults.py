@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +31,6 @@ from pipeline.training.manifest import CoderManifest
 from stages import train
 from tests.helpers import harvest_real_small, harvest_tiny
 
-SLOW_TRAIN = Path(__file__).with_name("slow_train.py")
 HOOK = "blocks.1.hook_resid_post"
 
 
@@ -317,41 +315,47 @@ def test_same_tensors_give_identical_files(tmp_path):
     assert digest(tmp_path / "a") == digest(tmp_path / "b")
 
 
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen, timeout: float = 120):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert process.poll() is None, "the run ended before the kill point"
-        assert time.monotonic() < deadline, "kill point never reached"
-        time.sleep(0.005)
-
-
+# Deterministic kill points (pipeline/training/checkpoint.py: fault_point): the run signals
+# itself exactly there, so no test polls the disk for a race it may lose.
 KILL_POINTS = {
-    "first-checkpoint": lambda root: (RunPaths(root).checkpoint(25) / "coder.json").exists(),
-    "mid-checkpoint": lambda root: (RunPaths(root).checkpoint(50) / "coder.safetensors").exists(),
-    "last-checkpoint": lambda root: (RunPaths(root).checkpoint(75) / "checksums.json").exists(),
-    "writing-final": lambda root: RunPaths(root).final.exists(),
+    "first-checkpoint": "config@checkpoint-000000025",  # weights + coder.json, unsealed
+    "mid-checkpoint": "weights@checkpoint-000000050",  # weights only
+    "last-checkpoint": "sealed@checkpoint-000000075",  # sealed, older one not yet removed
+    "writing-final": "started@final",  # final/ created, empty
 }
+
+
+def train_in_subprocess(
+    tmp_path: Path, store: Path, fault: str, signal_name: str = "SIGKILL"
+) -> subprocess.CompletedProcess:
+    """``pipeline train`` in a child process that signals itself at ``fault``."""
+    manifest_file = tmp_path / "manifest.json"
+    manifest_file.write_text(run_manifest(store).model_dump_json())
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).parents[1]),
+        "FMX_FAULT_AT": fault,
+        "FMX_FAULT_SIGNAL": signal_name,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "train", str(manifest_file)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @pytest.mark.parametrize("point", sorted(KILL_POINTS))
 def test_killed_training_resumes_to_identical_files(
     tiny_store, reference, tmp_path, monkeypatch, point
 ):
-    manifest_file = tmp_path / "manifest.json"
-    manifest_file.write_text(run_manifest(tiny_store).model_dump_json())
     root = run_dir(tmp_path, tiny_store)
-    process = subprocess.Popen(
-        [sys.executable, str(SLOW_TRAIN), str(manifest_file)],
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for(lambda: KILL_POINTS[point](root), process)
-    finally:
-        process.send_signal(signal.SIGKILL)
-        process.wait()
+    killed = train_in_subprocess(tmp_path, tiny_store, KILL_POINTS[point])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert RunPaths(root).lock.exists(), "killed while holding the run lock"
+    assert not (RunPaths(root).final / "checksums.json").exists()
     result = retrain(tiny_store, tmp_path, monkeypatch)
     assert result.steps == 100
     assert_same_as_reference(root, reference)

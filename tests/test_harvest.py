@@ -252,7 +252,7 @@ def test_cli_cache_hit(tiny_store, tiny_cache_root, monkeypatch):
         main, ["harvest", str(TINY_MANIFEST_FILE), "--cache-root", str(tiny_cache_root)]
     )
     assert result.exit_code == 0, result.output
-    assert result.output == f"{tiny_store.name}  cache hit  {tiny_store}\n"
+    assert result.stdout == f"{tiny_store.name}  cache hit  {tiny_store}\n"
 
 
 def test_fully_marked_partial_store_only_finalises(

@@ -103,7 +103,8 @@ def test_states_running_incomplete_broken(tmp_path) -> None:
     (tmp_path / "cachekey" / "ccc333").mkdir()  # no record at all
     states = {r.run_hash: (r.state, r.steps, r.total_steps, r.fvu) for r in list_runs(tmp_path)}
     assert states["aaa111"] == ("running", 4, 10, 0.5)
-    assert states["bbb222"][0] == "incomplete" and states["ccc333"][0] == "broken"
+    assert states["bbb222"][0] == "incomplete"
+    assert states["ccc333"][0] == "broken (coder_manifest.json: no such file or directory)"
     assert find_run("bbb", tmp_path).name == "bbb222"
     with pytest.raises(ValueError, match="ambiguous"):
         find_run("x", tmp_path)  # two runs share the name

@@ -10,10 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pipeline.manifests.harvest import HarvestManifest, Strict, load_harvest_manifest
-from pipeline.manifests.io import ManifestError, load_manifest, validate
+from pipeline.manifests.io import ManifestError, check_name, load_manifest, validate
 from pipeline.training.manifest import CoderManifest, check_coder_section
 
 # Known shapes (n_layers, d_model), so coder sections are checked before any harvest.
@@ -77,11 +77,23 @@ class ExperimentManifest(Strict):
     )
     results_dir: str | None = Field(None, description="Default: results/<name> beside the repo.")
 
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        return check_name(name)
+
     @model_validator(mode="after")
     def _distinct_names(self) -> ExperimentManifest:
         names = [v.get("name") for v in self.variants]
         if None in names:
             raise ValueError("every entry of variants needs a name")
+        for index, name in enumerate(names):
+            if not isinstance(name, str):
+                raise ValueError(f"variants[{index}].name must be text, not {name!r}")
+            try:
+                check_name(name)
+            except ValueError as err:
+                raise ValueError(f"variants[{index}].name {err}") from None
         if len(set(names)) != len(names):
             raise ValueError(f"variants: names must be distinct, got {names}")
         if len(set(self.seeds)) != len(self.seeds):

@@ -10,6 +10,7 @@ is unused.
 
 from __future__ import annotations
 
+import math
 import re
 import types
 import typing
@@ -58,6 +59,8 @@ def kind_problem(annotation: Any, value: Any) -> str | None:
         return f"must be an integer, not {value!r}"
     if annotation is float and (isinstance(value, bool) or not isinstance(value, int | float)):
         return f"must be a number, not {value!r}"
+    if annotation is float and not math.isfinite(value):  # YAML's .inf / .nan
+        return f"must be a finite number, not {value!r}"
     return None
 
 

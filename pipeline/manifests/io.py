@@ -27,6 +27,24 @@ class _ManifestLoader(yaml.SafeLoader):
     learning rate written the usual way must be a float, as YAML 1.2 has it."""
 
 
+def _unique_mapping(loader: _ManifestLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are distinct: PyYAML keeps the last of ``k: 4`` / ``k: 8``
+    silently, and a manifest that says two things must not mean one of them."""
+    seen: dict = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=deep)
+
+
+_ManifestLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
 _ManifestLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
@@ -38,7 +56,10 @@ def read_mapping(path: Path) -> dict:
     """Parse a YAML (safe loader) or TOML file into a plain mapping."""
     if not path.is_file():
         raise ManifestError(f"{path}: no such manifest file")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"{path}: not UTF-8 text (byte {err.start}): not a manifest") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
@@ -60,6 +81,15 @@ def _syntax(err: Exception) -> str:
     if mark is not None and problem:
         return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     return " ".join(str(err).split())
+
+
+def check_name(name: str) -> str:
+    """A label for tables and a one-line ``name`` file: not blank, one printable line."""
+    if not name.strip():
+        raise ValueError("must not be empty")
+    if not name.isprintable():
+        raise ValueError(f"must be one printable line, not {name!r}")
+    return name
 
 
 def check_writable_dir(path: str | Path, where: str) -> None:

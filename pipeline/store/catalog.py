@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +51,9 @@ def list_stores(cache_root: Path | None = None) -> list[StoreSummary]:
     for entry in sorted(root.iterdir()):
         if not entry.is_dir():
             continue
-        if entry.name.endswith(".incomplete"):
+        if entry.name.endswith(".damaged"):  # stages/harvest.py, while it is replaced
+            rows.append(_summary(entry, entry.name.removesuffix(".damaged"), "damaged"))
+        elif entry.name.endswith(".incomplete"):
             rows.append(_summary(entry, entry.name.removesuffix(".incomplete"), "incomplete"))
         else:
             rows.append(_summary(entry, entry.name, "complete"))
@@ -60,7 +64,7 @@ def find_store(key: str, cache_root: Path | None = None, verify: bool = False) -
     """Open a finished store by key (a unique prefix is enough)."""
     root = Path(cache_root) if cache_root else default_cache_root()
     candidates = [p for p in root.glob(f"{key}*") if p.is_dir()] if root.is_dir() else []
-    finished = [p for p in candidates if not p.name.endswith(".incomplete")]
+    finished = [p for p in candidates if not p.name.endswith((".incomplete", ".damaged"))]
     if len(finished) > 1:
         raise StoreError(f"cache key prefix '{key}' is ambiguous under {root}")
     if not finished:
@@ -72,13 +76,33 @@ def find_store(key: str, cache_root: Path | None = None, verify: bool = False) -
                 "manifest again to finish it"
             )
         raise StoreError(f"no cache {key} under {root} (see `pipeline ls`)")
-    return ActivationStore(store_dir(root, finished[0].name), verify=verify)
+    found = store_dir(root, finished[0].name)
+    if not StorePaths(found).completion.is_file():
+        raise StoreError(f"{found}: {_no_completion_remedy(found)}")
+    return ActivationStore(found, verify=verify)
+
+
+def _no_completion_remedy(store: Path) -> str:
+    """What to do with a finished store that lost ``complete.json``: harvest it again
+    (stages/harvest.py replaces the damaged directory), naming the manifest if recorded."""
+    try:
+        source = json.loads(StorePaths(store).manifest.read_text(encoding="utf-8"))["source"]
+    except (OSError, ValueError, KeyError, TypeError):
+        source = ""
+    command = f"pipeline harvest {source}" if source else "pipeline harvest <its manifest>"
+    return (
+        "not a finished store (complete.json is missing: deleted or damaged); re-harvest "
+        f"it with `{command}`, which replaces this directory"
+    )
 
 
 # --------------------------------------------------------------------------- runs
 
-RUN_NAME_FILE = "name"  # runs/<cache key>/<run hash>/name: the manifest's name, one line
+RUN_NAME_FILE = "name"  # runs/<cache key>/<run hash>/name: the manifests' names, one a line
 RUNNING_WITHIN_S = 300.0  # a run whose metric log moved this recently counts as running
+SUMMARY_FILE = "summary.json"  # final/summary.json: the last logged figures, under checksums
+CHECKSUMS_FILE = "checksums.json"  # final/ and checkpoints: size + SHA-256 of every file
+CHECKSUMS_FORMAT = "fmxcoders-checkpoint/1"
 
 
 @dataclass(frozen=True)
@@ -89,17 +113,68 @@ class RunSummary:
     kind: str
     steps: int
     total_steps: int
-    fvu: float  # the evaluation's if evaluated, else the last training log line's
+    fvu: float  # complete: final/summary.json (checksummed); else the last log line's
     l0: float
-    state: str  # complete | running | incomplete | broken
+    state: str  # complete | untrained | running | incomplete | broken (file: reason)
     path: Path
+    names: tuple[str, ...] = ()  # every manifest name trained into this run (same settings)
 
 
 def write_run_name(run_root: Path, name: str) -> None:
-    """Record the human name beside the hash, so ``ls runs/<key>/*/name`` finds a run."""
+    """Record the human name beside the hash, so ``ls runs/<key>/*/name`` finds a run.
+
+    Two manifests with different names but the same settings train one run; each name is
+    kept (one a line) so neither is silently dropped and both find the run."""
     target = Path(run_root) / RUN_NAME_FILE
-    if not target.is_file() or target.read_text(encoding="utf-8").strip() != name:
-        target.write_text(name + "\n", encoding="utf-8")
+    names = read_run_names(target) if target.is_file() else []
+    if name not in names:
+        target.write_text("".join(f"{n}\n" for n in [*names, name]), encoding="utf-8")
+
+
+def read_run_names(path: Path) -> list[str]:
+    """The names in a run's ``name`` file (UnicodeDecodeError / OSError pass through)."""
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def sealed_dir_problem(directory: Path, required: tuple[str, ...]) -> str | None:
+    """Why ``directory`` does not match its ``checksums.json`` (``"<file>: reason"``), or
+    None when every listed file, ``required`` among them, has its size and SHA-256.
+
+    Torch-free, so ``pipeline runs`` can check a run's ``final/`` without loading torch;
+    ``pipeline.training.checkpoint.verify_checkpoint`` raises on the same answer."""
+    directory = Path(directory)
+    listing = directory / CHECKSUMS_FILE
+    if not directory.is_dir():
+        return f"{directory}: no such checkpoint directory"
+    if not listing.is_file():
+        return f"{listing}: missing (the checkpoint was never completed)"
+    try:
+        doc = json.loads(listing.read_text(encoding="utf-8"))
+        files = doc["files"]
+        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
+            raise ValueError(f"format {doc.get('format')!r}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{listing}: unreadable ({err})"
+    for name in required:
+        if name not in files:
+            return f"{listing}: does not list {name}"
+    for name, expected in sorted(files.items()):
+        path = directory / name
+        if not path.is_file():
+            return f"{path}: missing"
+        if path.stat().st_size != expected["size"]:
+            return f"{path}: {path.stat().st_size} bytes, expected {expected['size']} (truncated?)"
+        if _sha256(path) != expected["sha256"]:
+            return f"{path}: checksum mismatch (the file changed after saving)"
+    return None
 
 
 def _last_log(metrics: Path) -> dict:
@@ -108,66 +183,83 @@ def _last_log(metrics: Path) -> dict:
     lines = metrics.read_text(encoding="utf-8").strip().splitlines()
     for line in reversed(lines):
         try:
-            return json.loads(line)
+            row = json.loads(line)
         except ValueError:
             continue
+        if isinstance(row, dict):
+            return row
     return {}
 
 
-def _run_summary(run: Path) -> RunSummary:
-    import time
+def _number(row: dict, key: str) -> float:
+    value = row.get(key)
+    return float(value) if isinstance(value, int | float) else float("nan")
 
-    from pipeline.paths import EvaluationPaths, RunPaths
+
+def _legacy_final_verifies(final: Path) -> bool:
+    """A ``final/`` saved before checksums.json: its weights match coder.json's SHA-256."""
+    if (final / CHECKSUMS_FILE).exists() or not (final / "coder.safetensors").is_file():
+        return False
+    coder = json.loads((final / "coder.json").read_text(encoding="utf-8"))
+    return _sha256(final / "coder.safetensors") == coder.get("weights_sha256")
+
+
+def _final_state(paths) -> tuple[str, dict]:
+    """``complete`` (or ``untrained``) with the verified summary, or ``broken (...)``."""
+    problem = sealed_dir_problem(paths.final, ("coder.json", "coder.safetensors"))
+    if problem is not None and _legacy_final_verifies(paths.final):
+        return "complete (legacy: no checksums.json, no figures)", {}
+    if problem is None:
+        summary_file = paths.final / SUMMARY_FILE
+        coder = json.loads((paths.final / "coder.json").read_text(encoding="utf-8"))
+        summary = (
+            json.loads(summary_file.read_text(encoding="utf-8")) if summary_file.is_file() else {}
+        )
+        summary.setdefault("step", coder.get("extra", {}).get("step", 0))
+        return ("untrained" if summary["step"] == 0 else "complete"), summary
+    return f"broken ({problem.replace(str(paths.root) + '/', '')})", {}
+
+
+def _run_summary(run: Path) -> RunSummary:
+    """One run's row; any file it cannot read makes the run ``broken (file: reason)``."""
+    from pipeline.paths import RunPaths
 
     paths = RunPaths(run)
-    name_file = run / RUN_NAME_FILE
+    names: list[str] = []
+    kind, total, log, current = "?", 0, {}, run / RUN_NAME_FILE
     try:
+        if current.is_file():
+            names = read_run_names(current)
+        current = paths.manifest
         record = json.loads(paths.manifest.read_text(encoding="utf-8"))
         manifest, coder = record["manifest"], record["coder"]
-    except (OSError, ValueError, KeyError):
-        manifest, coder = {}, {}
-    name = (
-        name_file.read_text(encoding="utf-8").strip()
-        if name_file.is_file()
-        else manifest.get("name", "?")
-    )
-    training = manifest.get("training", {})
-    batch = int(training.get("batch_size", 1024))
-    total = -(-int(training.get("tokens", 0)) // batch) if training else 0
-    log = _last_log(paths.metrics)
-    fvu, l0 = float(log.get("fvu", float("nan"))), float(log.get("l0", float("nan")))
-    evaluation = EvaluationPaths(paths.evaluation).metrics
-    if evaluation.is_file():
-        try:
-            summary = json.loads(evaluation.read_text(encoding="utf-8"))
-            fvu, l0 = float(summary.get("fvu", fvu)), float(summary.get("l0", l0))
-        except (ValueError, TypeError):
-            pass
-    steps = int(log.get("step", 0))
-    final = paths.final / "coder.json"
-    if not manifest:
-        state = "broken"
-    elif final.is_file():
-        try:
-            steps = int(json.loads(final.read_text(encoding="utf-8"))["extra"]["step"])
-            state = "complete" if (paths.final / "coder.safetensors").is_file() else "broken"
-        except (ValueError, KeyError, TypeError):
-            state = "broken"
-    elif paths.metrics.is_file() and time.time() - paths.metrics.stat().st_mtime < RUNNING_WITHIN_S:
-        state = "running"
-    else:
-        state = "incomplete"
+        names = names or [str(manifest.get("name", "?"))]
+        kind = str(coder.get("kind", "?"))
+        training = manifest.get("training", {})
+        total = -(-int(training.get("tokens", 0)) // int(training.get("batch_size", 1024)))
+        if paths.final.is_dir():  # figures only from the checksummed final/
+            current = paths.final
+            state, log = _final_state(paths)
+        else:
+            current = paths.metrics
+            log = _last_log(paths.metrics)
+            recent = paths.metrics.is_file() and (
+                time.time() - paths.metrics.stat().st_mtime < RUNNING_WITHIN_S
+            )
+            state = "running" if recent else "incomplete"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        reason = " ".join(str(err).split())
+        if isinstance(err, KeyError):
+            reason = f"no field {err}"
+        elif isinstance(err, OSError) and err.strerror:
+            reason = err.strerror.lower()
+        where = current.relative_to(run) if current.is_relative_to(run) else current
+        state, log = f"broken ({where}: {reason})", {}
+    steps = int(log["step"]) if isinstance(log.get("step"), int) else 0
+    name = ", ".join(names) or "?"
+    fvu, l0 = _number(log, "fvu"), _number(log, "l0")
     return RunSummary(
-        name,
-        run.parent.name,
-        run.name,
-        str(coder.get("kind", "?")),
-        steps,
-        total,
-        fvu,
-        l0,
-        state,
-        run,
+        name, run.parent.name, run.name, kind, steps, total, fvu, l0, state, run, tuple(names)
     )
 
 
@@ -190,7 +282,7 @@ def find_run(query: str, runs_root: Path | None = None) -> Path:
     if candidate.is_dir():
         return candidate
     runs = list_runs(runs_root)
-    by_name = [r for r in runs if r.name == query]
+    by_name = [r for r in runs if query in r.names]
     by_hash = [
         r for r in runs if r.run_hash.startswith(query) or f"{r.cache}/{r.run_hash}" == query
     ]

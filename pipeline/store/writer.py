@@ -9,8 +9,12 @@ on disk prove nothing: only markers do.
 
 from __future__ import annotations
 
+import errno
+import shutil
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import crc32c
@@ -171,3 +175,62 @@ def write_completion(path: Path, record: dict) -> None:
     files = file_checksums(Path(path).parent, exclude=(Path(path).name,))
     record = {**record, "files": files}
     atomic_write_json(path, {**record, "record_crc32c": record_crc32c(record)})
+
+
+# --------------------------------------------------------------------------- disk space
+
+ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+TABLE_BYTES_PER_TOKEN = 64  # tokens.parquet + markers, generous (~20-40 B measured)
+
+
+class DiskFullError(ValueError):
+    """Not enough disk for a job; the one-line message names the path and the figures."""
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def estimate_store_bytes(n_tokens: int, n_hooks: int, d_model: int, dtype: str) -> int:
+    """An upper bound on a store's size: uncompressed activations plus the tables
+    (shuffle + zstd makes bf16 ~1.5x smaller, so real stores sit well under it)."""
+    return n_tokens * (n_hooks * d_model * ITEM_BYTES[dtype] + TABLE_BYTES_PER_TOKEN)
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    probe = Path(path)
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    return shutil.disk_usage(probe).free
+
+
+def check_free_space(path: Path, needed: int, what: str) -> None:
+    """Refuse up front, in one line, when ``path``'s disk cannot hold ``needed`` bytes."""
+    free = free_bytes(path)
+    if needed > free:
+        raise DiskFullError(
+            f"{path}: {what} needs about {human_bytes(needed)} but only {human_bytes(free)} "
+            "is free there; free space or choose another root"
+        )
+
+
+@contextmanager
+def disk_full_as_one_line(path: Path, what: str) -> Iterator[None]:
+    """ENOSPC (no space left) while writing becomes ``DiskFullError`` naming the file;
+    what was written stays resumable, so the message says to rerun."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = err.filename or path
+        raise DiskFullError(
+            f"{where}: no space left on device while writing {what} "
+            f"({human_bytes(free_bytes(Path(path)))} free); free space and rerun: "
+            "the partial work is kept and resumes"
+        ) from None

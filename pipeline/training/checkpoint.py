@@ -17,7 +17,9 @@ Training state (optimizer, RNG) is one safetensors file whose header carries the
 from __future__ import annotations
 
 import json
+import os
 import random
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,14 +32,31 @@ from torch import Tensor
 
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
 from pipeline.harvest.assets import sha256_file
+from pipeline.store.catalog import CHECKSUMS_FILE, CHECKSUMS_FORMAT, sealed_dir_problem
 from pipeline.store.format import atomic_write, atomic_write_json, safetensors_bytes
 
 WEIGHTS_FILE = "coder.safetensors"
 CONFIG_FILE = "coder.json"
 OPTIMIZER_FILE = "optimizer.safetensors"
-CHECKSUMS_FILE = "checksums.json"
 FORMAT = "fmxcoders-coder/1"
-CHECKSUMS_FORMAT = "fmxcoders-checkpoint/1"
+
+
+FAULT_ENV = "FMX_FAULT_AT"  # fault injection for tests: "<point>@<directory name>"
+FAULT_SIGNAL_ENV = "FMX_FAULT_SIGNAL"  # the signal sent there (default SIGKILL)
+
+
+def fault_point(point: str, directory: Path) -> None:
+    """Deterministic kill points for the fault suite (``tests/test_faults*.py``).
+
+    With ``FMX_FAULT_AT=<point>@<directory name>`` the process sends itself
+    ``FMX_FAULT_SIGNAL`` (default SIGKILL) when it reaches that point while writing that
+    directory, so a test kills a run exactly there instead of polling the disk for a race
+    it may lose. Points: ``weights`` (a checkpoint's weights written, nothing else),
+    ``config`` (weights + coder.json, not sealed), ``sealed`` (checksums.json written)
+    and ``started`` (``final/`` created, empty). Unset, this is one dict lookup."""
+    wanted = os.environ.get(FAULT_ENV)
+    if wanted and wanted == f"{point}@{Path(directory).name}":
+        os.kill(os.getpid(), getattr(signal, os.environ.get(FAULT_SIGNAL_ENV, "SIGKILL")))
 
 
 class CheckpointError(ValueError):
@@ -63,6 +82,7 @@ def seal_checkpoint(path_dir: Path) -> None:
         if p.is_file() and p.name != CHECKSUMS_FILE and not p.name.startswith(".")
     }
     atomic_write_json(path_dir / CHECKSUMS_FILE, {"format": CHECKSUMS_FORMAT, "files": files})
+    fault_point("sealed", path_dir)
 
 
 def verify_checkpoint(path_dir: Path, allow_legacy: bool = False) -> None:
@@ -73,34 +93,14 @@ def verify_checkpoint(path_dir: Path, allow_legacy: bool = False) -> None:
     from, or skips for, a checkpoint it cannot fully verify)."""
     path_dir = Path(path_dir)
     listing = path_dir / CHECKSUMS_FILE
-    if not path_dir.is_dir():
-        raise CheckpointError(f"{path_dir}: no such checkpoint directory")
-    if not listing.is_file():
-        legacy = (path_dir / CONFIG_FILE).is_file() and (path_dir / WEIGHTS_FILE).is_file()
-        if allow_legacy and legacy and not (path_dir / OPTIMIZER_FILE).exists():
-            _verify_legacy(path_dir)
-            return
-        raise CheckpointError(f"{listing}: missing (the checkpoint was never completed)")
-    try:
-        doc = json.loads(listing.read_text(encoding="utf-8"))
-        files = doc["files"]
-        if doc.get("format") != CHECKSUMS_FORMAT or not isinstance(files, dict):
-            raise ValueError(f"format {doc.get('format')!r}")
-    except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{listing}: unreadable ({err})") from None
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if name not in files:
-            raise CheckpointError(f"{listing}: does not list {name}")
-    for name, expected in sorted(files.items()):
-        path = path_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"{path}: missing")
-        if path.stat().st_size != expected["size"]:
-            raise CheckpointError(
-                f"{path}: {path.stat().st_size} bytes, expected {expected['size']} (truncated?)"
-            )
-        if sha256_file(path) != expected["sha256"]:
-            raise CheckpointError(f"{path}: checksum mismatch (the file changed after saving)")
+    legacy = (path_dir / CONFIG_FILE).is_file() and (path_dir / WEIGHTS_FILE).is_file()
+    legacy = legacy and not (path_dir / OPTIMIZER_FILE).exists()
+    if allow_legacy and legacy and not listing.is_file():
+        _verify_legacy(path_dir)
+        return
+    problem = sealed_dir_problem(path_dir, (CONFIG_FILE, WEIGHTS_FILE))
+    if problem is not None:
+        raise CheckpointError(problem)
 
 
 def _verify_legacy(path_dir: Path) -> None:
@@ -132,6 +132,7 @@ def save_coder(
     tensors = _cpu_tensors(coder.state_dict())
     meta = {"format": FORMAT, "kind": coder.config.kind}
     atomic_write(weights, lambda tmp: _write_safetensors(tensors, tmp, meta))
+    fault_point("weights", path_dir)
     doc = {
         "format": FORMAT,
         "config": coder.config.model_dump(mode="json"),
@@ -139,6 +140,7 @@ def save_coder(
         "extra": extra_json or {},
     }
     atomic_write_json(path_dir / CONFIG_FILE, doc)
+    fault_point("config", path_dir)
     if seal:
         seal_checkpoint(path_dir)
     return path_dir

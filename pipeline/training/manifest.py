@@ -16,6 +16,7 @@ from pipeline.harvest.cache_key import canonical_json
 from pipeline.manifests.harvest import Strict
 from pipeline.manifests.io import (
     ManifestError,
+    check_name,
     describe_validation_error,
     load_manifest,
 )
@@ -140,6 +141,11 @@ class CoderManifest(Strict):
     )
     training: TrainingSpec = TrainingSpec()
     run: TrainRunSpec = TrainRunSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        return check_name(name)
 
     @field_validator("layers")
     @classmethod

@@ -21,10 +21,12 @@ import torch
 from pipeline.coders import build_coder
 from pipeline.coders.base import Coder
 from pipeline.paths import RunPaths
+from pipeline.store.catalog import SUMMARY_FILE
 from pipeline.store.format import atomic_write_bytes, atomic_write_json
 from pipeline.training.checkpoint import (
     OPTIMIZER_FILE,
     CheckpointError,
+    fault_point,
     flatten_state,
     load_coder,
     load_training_state,
@@ -40,6 +42,10 @@ from pipeline.training.manifest import CoderManifest, TrainingSpec
 if TYPE_CHECKING:
     from pipeline.training.ddp import DistributedContext
     from pipeline.training.run_record import RunRecord
+
+
+class NonFiniteLossError(ValueError):
+    """A loss became inf or NaN; the one-line message names the run and the step."""
 
 
 KEEP_CHECKPOINTS = 2  # the newest, and one to resume from if the newest is damaged
@@ -73,6 +79,8 @@ class CoderRun:
     log_step: int = 0
     dist: DistributedContext | None = None  # torchrun: this rank's place (pipeline/training/ddp.py)
     record: RunRecord | None = None  # normalisation + provenance, saved beside the final weights
+    last_log: dict | None = None  # the last metrics.jsonl row: final/summary.json's figures
+    first_bad_step: torch.Tensor | None = None  # on the device: first non-finite loss, or -1
 
     def __post_init__(self) -> None:
         spec = self.manifest.training
@@ -115,8 +123,32 @@ class CoderRun:
         if spec.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.coder.parameters(), spec.grad_clip)
         self.optimizer.step()
+        self._note_non_finite(out.loss)
         self.step += 1
+        if self.step % spec.log_every == 0 or self.step % spec.checkpoint_every == 0 or self.done:
+            self.check_finite()
         return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
+
+    def _note_non_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first step whose loss is inf/NaN without a host sync per step."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.first_bad_step is None:
+            self.first_bad_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        unseen = self.first_bad_step < 0
+        self.first_bad_step = torch.where(bad & unseen, self.step, self.first_bad_step)
+
+    def check_finite(self) -> None:
+        """Stop (before any checkpoint or final/ is written) once a loss was not finite, so
+        the last checkpoint written is the last good one."""
+        if self.first_bad_step is None or int(self.first_bad_step) < 0:
+            return
+        kept = self.paths.checkpoints()
+        where = f"{kept[0].name} is the last good checkpoint" if kept else "no checkpoint kept"
+        raise NonFiniteLossError(
+            f"{self.paths.root}: run '{self.manifest.name}': the loss was not finite at step "
+            f"{int(self.first_bad_step)}; stopped at step {self.step} ({where}); lower "
+            "training.lr or check the cache"
+        )
 
     def save_checkpoint(self) -> None:
         """A new directory per checkpoint, sealed by its checksums last; the oldest goes only
@@ -134,8 +166,15 @@ class CoderRun:
             shutil.rmtree(old, ignore_errors=True)
 
     def save_final(self) -> None:
+        """``final/``: weights, normalisation and ``summary.json`` (the last logged figures,
+        so ``pipeline runs`` reports only what the checksums cover), sealed last."""
         if not self.is_main:
             return
+        self.paths.final.mkdir(parents=True, exist_ok=True)
+        fault_point("started", self.paths.final)
+        if self.last_log is not None:
+            figures = {k: v for k, v in self.last_log.items() if k != "tokens_per_second"}
+            atomic_write_json(self.paths.final / SUMMARY_FILE, figures)
         extra = {
             "step": self.step,
             "name": self.manifest.name,
@@ -145,7 +184,6 @@ class CoderRun:
         # final/ then works without the cache (pipeline/training/export.py)
         if self.record is not None:
             extra.update(self.record.metadata())
-            self.paths.final.mkdir(parents=True, exist_ok=True)
             self.record.write(self.paths.final)
         save_coder(self.paths.final, self.coder, extra)
 
