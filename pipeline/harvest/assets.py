@@ -17,9 +17,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock
-
 from pipeline.paths import assets_dir
+from pipeline.store.locks import exclusive_lock
 
 
 @dataclass(frozen=True)
@@ -143,7 +142,7 @@ def ensure_asset(asset: PackagedAsset) -> Path:
     if done.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with exclusive_lock(Path(str(target) + ".lock")):
         if done.is_file():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -165,7 +164,7 @@ def ensure_split_file(asset: SplitFileAsset) -> Path:
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with exclusive_lock(Path(str(target) + ".lock")):
         if target.is_file():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:

