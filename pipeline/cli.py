@@ -565,10 +565,16 @@ def spectrum(
             "must be above 1 (or 0 to keep every token)", param_hint="--outlier-ratio"
         )
     ratio = outlier_ratio or None
+    ranks = _parse_ints(cp_ranks, "--cp-ranks") if cp_ranks else None
+    if ranks and len(chosen) * store.d_model > sp.CP_MAX_DIM:  # before the first pass
+        raise click.BadParameter(
+            f"the cp floor needs L*d <= {sp.CP_MAX_DIM}; {len(chosen)} layers x d_model "
+            f"{store.d_model} = {len(chosen) * store.d_model}: choose fewer with --layers",
+            param_hint="--cp-ranks",
+        )
     rows, n_tokens = sp.store_spectrum(store, chosen, centre, max_tokens, ratio)
     cp = None
-    if cp_ranks:
-        ranks = _parse_ints(cp_ranks, "--cp-ranks")
+    if ranks:
         cp, cp_n = sp.store_cp_floors(
             store, chosen, centre, ranks, cp_tokens or sp.CP_SAMPLE_TOKENS, ratio
         )
