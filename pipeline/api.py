@@ -131,9 +131,16 @@ class Store:
         """One row per document (its split, source fields)."""
         return self._store.documents()
 
-    def read(self, start: int, stop: int, layers: list[int] | None = None) -> Tensor:
-        """Raw activations of rows ``[start, stop)``: float32 ``[rows, n_layers, d_model]``."""
-        return self._store.read(start, stop, layers)
+    def read(
+        self,
+        start: int,
+        stop: int,
+        layers: list[int] | None = None,
+        hooks: list[str] | None = None,
+    ) -> Tensor:
+        """Raw activations of rows ``[start, stop)``: float32 ``[rows, n_layers, d_model]``.
+        ``hooks=coder.hook_names`` reads exactly the layers a coder was trained on."""
+        return self._store.read(start, stop, layers, hooks)
 
     def normaliser(
         self,

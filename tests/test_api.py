@@ -36,8 +36,8 @@ def trained_runs(tiny_cache_root, tmp_path_factory) -> TrainedRuns:
 def test_readme_example_runs(trained_runs: TrainedRuns, monkeypatch, capsys) -> None:
     source = EXAMPLE.read_text()
     for old, new in (
-        ('"13797ab9"', f'"{trained_runs.key[:8]}"'),
-        ('"smoke-fmxcoder"', '"tiny-fmx"'),
+        ('"2aedd5f3"', f'"{trained_runs.key[:8]}"'),
+        ('"fmxcoder"', '"tiny-fmx"'),
     ):
         assert old in source
         source = source.replace(old, new)
@@ -94,3 +94,14 @@ def test_results_as_pyarrow_and_pandas(trained_runs: TrainedRuns) -> None:
     assert frames["per_layer"].shape[0] == 4
     with pytest.raises(FileNotFoundError, match="no evaluation results"):
         load_results(trained_runs.sae)
+
+
+def test_read_by_hook_names_picks_the_coders_layers(trained_runs: TrainedRuns) -> None:
+    store = open_store(trained_runs.key, cache_root=trained_runs.cache_root)
+    hooks = store.hook_names
+    picked = store.read(0, 16, hooks=[hooks[2], hooks[0]])
+    torch.testing.assert_close(picked, store.read(0, 16)[:, [2, 0]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"does not store \['blocks.99.hook_resid_post'\]"):
+        store.read(0, 16, hooks=["blocks.99.hook_resid_post"])
+    with pytest.raises(ValueError, match="layers or hooks, not both"):
+        store.read(0, 16, layers=[0], hooks=hooks[:1])
