@@ -1,11 +1,12 @@
-# Using a harvested store and a trained run from Python (tests/test_api.py runs this file).
+# Using a harvested store and a trained run from Python, after `make smoke` (tests/test_api.py
+# and tests/test_readme_examples.py run this file).
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline import load_coder, load_results, open_store
 
-STORE = "13797ab9"  # a cache key (or unique prefix) from `pipeline ls`, or a store directory
-RUN = "smoke-fmxcoder"  # a run name or hash prefix from `pipeline runs`, or a run directory
+STORE = "2aedd5f3"  # a cache key (or unique prefix) from `pipeline ls`, or a store directory
+RUN = "fmxcoder"  # a run name or hash prefix from `pipeline runs`, or a run directory
 
 store = open_store(STORE)
 print(store, store.hook_names)
@@ -19,7 +20,7 @@ print(batch.shape)
 
 # A trained coder on RAW activations: the normalisation is applied inside.
 coder = load_coder(RUN)
-raw = store.read(0, 256)  # raw activations [256, n_layers, d_model]
+raw = store.read(0, 256, hooks=coder.hook_names)  # raw activations of the coder's layers
 codes = coder.encode(raw)  # [256, n_latents]
 recon = coder.decode(codes)  # [256, n_layers, d_model], raw units
 fvu = (recon - raw).pow(2).sum() / (raw - raw.mean(0)).pow(2).sum()

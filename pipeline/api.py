@@ -131,9 +131,16 @@ class Store:
         """One row per document (its split, source fields)."""
         return self._store.documents()
 
-    def read(self, start: int, stop: int, layers: list[int] | None = None) -> Tensor:
-        """Raw activations of rows ``[start, stop)``: float32 ``[rows, n_layers, d_model]``."""
-        return self._store.read(start, stop, layers)
+    def read(
+        self,
+        start: int,
+        stop: int,
+        layers: list[int] | None = None,
+        hooks: list[str] | None = None,
+    ) -> Tensor:
+        """Raw activations of rows ``[start, stop)``: float32 ``[rows, n_layers, d_model]``.
+        ``hooks=coder.hook_names`` reads exactly the layers a coder was trained on."""
+        return self._store.read(start, stop, layers, hooks)
 
     def normaliser(
         self,
@@ -249,6 +256,42 @@ def load_coder(
 _TABLES = ("variants", "per_layer", "probing", "latents", "sampled")
 
 
+def _report_listing(run_dir: Path) -> tuple[Path, dict] | None:
+    """The newest report that evaluated ``run_dir`` and its summary row: ``pipeline run``
+    writes ``results/<name>/report/`` (under the working directory) and may reuse a report
+    without writing into the run, ``pipeline evaluate`` a folder under $FMX_REPORTS_DIR."""
+    import json
+
+    from pipeline.evaluation.results import run_id
+    from pipeline.paths import default_reports_root
+
+    wanted = run_id(run_dir)
+    found = [*Path("results").glob("*/report/results.json")]
+    found += default_reports_root().glob("*/results.json")
+    for summary in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        try:
+            variants = json.loads(summary.read_text())["variants"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        row = next((v for v in variants if v.get("run_dir") == wanted), None)
+        if row is not None:
+            return summary.parent, row
+    return None
+
+
+def _rows_of(table: pa.Table, variant: str | None) -> pa.Table:
+    """A report table cut to one variant's rows (probing names it in ``features``)."""
+    if variant is None:
+        return table
+    if "variant" in table.column_names:
+        keep = [v == variant for v in table.column("variant").to_pylist()]
+    elif "features" in table.column_names:
+        keep = [f.split(" @ ")[0] == variant for f in table.column("features").to_pylist()]
+    else:
+        return table
+    return table.filter(pa.array(keep))
+
+
 def load_results(run_or_report: str | Path, pandas: bool = False) -> dict[str, Any]:
     """Evaluation tables of a run (its latest ``pipeline evaluate``) or a report directory.
 
@@ -259,19 +302,27 @@ def load_results(run_or_report: str | Path, pandas: bool = False) -> dict[str, A
         target = find_run(str(run_or_report))
     from pipeline.evaluation.results import read_summaries
 
-    summaries = read_summaries(target)
-    folder = target if (target / "results.json").is_file() else None
-    if folder is None:
-        folder = next(
-            (r / "evaluation" for r in (target, target.parent) if (r / "evaluation").is_dir()),
-            None,
-        )
+    variant = None  # set when the run's rows come out of a side-by-side report
+    try:
+        summaries = read_summaries(target)
+        folder = target if (target / "results.json").is_file() else None
+        if folder is None:
+            folder = next(
+                (r / "evaluation" for r in (target, target.parent) if (r / "evaluation").is_dir()),
+                None,
+            )
+    except FileNotFoundError:
+        found = _report_listing(target)
+        if found is None:
+            raise
+        folder, row = found
+        summaries, variant = [row], row["variant"]
     rows = [{k: v for k, v in s.items() if not isinstance(v, dict | list)} for s in summaries]
     tables: dict[str, Any] = {"summary": pa.Table.from_pylist(rows)}
     for name in _TABLES:
         path = folder / f"{name}.parquet" if folder else None
         if path is not None and path.is_file():
-            tables[name] = pq.read_table(path)
+            tables[name] = _rows_of(pq.read_table(path), variant)
     if pandas:
         import importlib.util
 

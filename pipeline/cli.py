@@ -260,10 +260,11 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
     Example:
       pipeline show 8cdf9041252243f5 --verify
     """
-    from pipeline.store.catalog import find_store
+    from pipeline.store.catalog import find_store, model_facts, shown_manifest
 
     store = find_store(key, cache_root, verify=verify)
-    click.echo(json.dumps(store.manifest["manifest"], indent=2))
+    click.echo(json.dumps(shown_manifest(store.manifest), indent=2))
+    click.echo(f"\n{model_facts(store.manifest)}")
     stats = store.stats
     click.echo(f"\ntokens {store.n_tokens}  d_model {store.d_model}  dtype {store.dtype}")
     click.echo(f"{'hook':<28}{'mean norm':>12}{'rms norm':>12}{'|mean|':>10}")
@@ -394,7 +395,7 @@ def evaluate(
     Example:
       pipeline evaluate manifests/coders/tiny-crosscoder.yaml manifests/coders/tiny-fmxcoder.yaml
       pipeline evaluate runs/2aedd5f3*/* --max-tokens 4096 --no-splice --out report/
-      pipeline evaluate smoke-fmxcoder smoke-crosscoder --no-splice
+      pipeline evaluate fmxcoder crosscoder --no-splice
     """
     from pipeline.evaluation.judge import JudgeError
     from pipeline.evaluation.results import format_table, read_summaries
@@ -487,7 +488,7 @@ def list_runs(runs_root: Path | None) -> None:
     \b
     Example:
       pipeline runs
-      pipeline export smoke-per-layer-sae --format saelens exported/
+      pipeline export per-layer-sae --format saelens exported/
     """
     from pipeline.store.catalog import list_runs as catalog_runs
 
@@ -495,15 +496,17 @@ def list_runs(runs_root: Path | None) -> None:
     if not rows:
         click.echo("no runs")
         return
+    width = max(24, *(len(r.name) + 2 for r in rows))  # whole names: they are what you type
     click.echo(
-        f"{'name':<24}{'cache':<18}{'run':<14}{'kind':<15}{'steps':>12}{'FVU':>8}{'L0':>8}  state"
+        f"{'name':<{width}}{'cache':<18}{'run':<14}{'kind':<15}{'steps':>12}{'FVU':>8}{'L0':>8}"
+        "  state"
     )
     for r in rows:
         steps = f"{r.steps}/{r.total_steps}"
         fvu = "-" if math.isnan(r.fvu) else f"{r.fvu:.3f}"
         l0 = "-" if math.isnan(r.l0) else f"{r.l0:.1f}"
         click.echo(
-            f"{r.name[:23]:<24}{r.cache[:17]:<18}{r.run_hash:<14}{r.kind:<15}{steps:>12}"
+            f"{r.name:<{width}}{r.cache[:17]:<18}{r.run_hash:<14}{r.kind:<15}{steps:>12}"
             f"{fvu:>8}{l0:>8}  {r.state}"
         )
 
@@ -530,8 +533,8 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
 
     \b
     Example:
-      pipeline export smoke-per-layer-sae --format saelens exported/sae
-      pipeline export smoke-fmxcoder --format dictionary_learning exported/fmx
+      pipeline export per-layer-sae --format saelens exported/sae
+      pipeline export fmxcoder --format dictionary_learning exported/fmx
     """
     from pipeline.training.export import export_run
 
@@ -625,10 +628,16 @@ def spectrum(
             "must be above 1 (or 0 to keep every token)", param_hint="--outlier-ratio"
         )
     ratio = outlier_ratio or None
+    ranks = _parse_ints(cp_ranks, "--cp-ranks") if cp_ranks else None
+    if ranks and len(chosen) * store.d_model > sp.CP_MAX_DIM:  # before the first pass
+        raise click.BadParameter(
+            f"the cp floor needs L*d <= {sp.CP_MAX_DIM}; {len(chosen)} layers x d_model "
+            f"{store.d_model} = {len(chosen) * store.d_model}: choose fewer with --layers",
+            param_hint="--cp-ranks",
+        )
     rows, n_tokens = sp.store_spectrum(store, chosen, centre, max_tokens, ratio)
     cp = None
-    if cp_ranks:
-        ranks = _parse_ints(cp_ranks, "--cp-ranks")
+    if ranks:
         cp, cp_n = sp.store_cp_floors(
             store, chosen, centre, ranks, cp_tokens or sp.CP_SAMPLE_TOKENS, ratio
         )

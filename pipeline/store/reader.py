@@ -184,9 +184,27 @@ class ActivationStore:
         """Rows ``[start, stop)`` of one layer, ``[rows, d]``, in the storage dtype (torch)."""
         return from_storage_numpy(self._read_array(layer, start, stop), self.dtype)
 
-    def read(self, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
-        """Rows ``[start, stop)`` as float32 ``[rows, n_layers, d_model]`` in raw units."""
+    def read(
+        self,
+        start: int,
+        stop: int,
+        layers: list[int] | None = None,
+        hooks: list[str] | None = None,
+    ) -> torch.Tensor:
+        """Rows ``[start, stop)`` as float32 ``[rows, n_layers, d_model]`` in raw units;
+        ``hooks`` picks layers by hook name (a coder's ``hook_names``), in that order."""
+        if hooks is not None:
+            if layers is not None:
+                raise ValueError("read: pass layers or hooks, not both")
+            layers = self.layers_of(hooks)
         return from_storage_numpy(self.read_stored(start, stop, layers), self.dtype).float()
+
+    def layers_of(self, hooks: list[str]) -> list[int]:
+        """Positions of ``hooks`` among the stored hooks; a missing one is a one-line error."""
+        missing = [h for h in hooks if h not in self.hook_names]
+        if missing:
+            raise ValueError(f"{self.paths.root}: cache {self.key} does not store {missing}")
+        return [self.hook_names.index(h) for h in hooks]
 
     def size_on_disk(self) -> int:
         return tree_bytes(self.paths.root)

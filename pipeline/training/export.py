@@ -97,8 +97,69 @@ def _safe_folder(hook: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", hook)
 
 
-def export_saelens(coder: Any, record: RunRecord, out: Path) -> list[Path]:
-    """One SAELens folder per layer of a per-layer SAE; returns the folders."""
+# The Hugging Face model each packaged GGUF was quantised from, its file and quantisation:
+# no TransformerLens name loads these quantised weights, so the export names all three.
+PACKAGED_ORIGINS = {
+    "smollm2-135m": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "Q4_1",
+    ),
+    "gemma3-270m": ("google/gemma-3-270m", "gemma-3-270m-q4_k_m.gguf", "Q4_K_M"),
+}
+
+
+def model_identity(model: dict[str, Any]) -> dict[str, Any]:
+    """SAELens's ``model_name`` for a record's model section, with what else identifies it:
+    a hub name as is (TransformerLens loads it), a packaged GGUF as its HF origin + file +
+    quantisation, anything else by its own name."""
+    name = str(model.get("name") or "")
+    identity = model.get("identity") if isinstance(model.get("identity"), dict) else {}
+    if model.get("source") == "packaged" and name in PACKAGED_ORIGINS:
+        hf_id, gguf, quantisation = PACKAGED_ORIGINS[name]
+        return {
+            "model_name": hf_id,
+            "gguf_file": gguf,
+            "quantisation": quantisation,
+            "weights_package": identity.get("package"),
+        }
+    if model.get("source") == "hub":
+        return {"model_name": name, "revision": model.get("revision")}
+    return {
+        "model_name": name,
+        **({"weights_sha256": identity["sha256"]} if "sha256" in identity else {}),
+    }
+
+
+def harvest_context(manifest: dict[str, Any] | None) -> dict[str, Any]:
+    """SAELens's ``context_size``, ``prepend_bos`` and ``dataset_path`` from the store's
+    harvest manifest (None when the cache is not there to read)."""
+    if not manifest:
+        return {"context_size": None, "prepend_bos": True, "dataset_path": None}
+    tokens, text = manifest.get("tokenization", {}), manifest.get("text", {})
+    dataset = text.get("dataset") if text.get("source") == "hf_dataset" else None
+    if dataset is None:
+        dataset = (
+            f"{text.get('source')}: {', '.join(text.get('languages') or text.get('paths') or [])}"
+        )
+    return {
+        "context_size": tokens.get("context_length"),
+        "prepend_bos": tokens.get("prepend_bos", True),
+        "dataset_path": dataset,
+    }
+
+
+def _world_readable(*paths: Path) -> None:
+    """safetensors writes 0600; an export is meant to be shared: 0644 like the JSON beside it."""
+    for path in paths:
+        path.chmod(0o644)
+
+
+def export_saelens(
+    coder: Any, record: RunRecord, out: Path, harvest: dict[str, Any] | None = None
+) -> list[Path]:
+    """One SAELens folder per layer of a per-layer SAE; returns the folders. ``harvest``:
+    the store's harvest manifest, for the context size and dataset."""
     if coder.config.kind != "per_layer_sae":
         raise ExportError(
             f"--format saelens takes per-layer SAE runs; this run is a {coder.config.kind} "
@@ -144,8 +205,9 @@ def export_saelens(coder: Any, record: RunRecord, out: Path) -> list[Path]:
             "sae_lens_version": SAELENS_VERSION,
             "sae_lens_training_version": None,
             "hook_name": hook,
-            "model_name": str(record.model.get("name", "")),
-            "prepend_bos": True,
+            "model_class_name": "HookedTransformer",
+            **model_identity(record.model),
+            **harvest_context(harvest),
             "fmxcoders": {
                 "run": record.name,
                 "cache_key": record.cache_key,
@@ -159,6 +221,7 @@ def export_saelens(coder: Any, record: RunRecord, out: Path) -> list[Path]:
         folder.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(folder / "sae_weights.safetensors"))
         (folder / "cfg.json").write_text(json.dumps(cfg, indent=2) + "\n", encoding="utf-8")
+        _world_readable(folder / "sae_weights.safetensors", folder / "cfg.json")
         folders.append(folder)
     return folders
 
@@ -232,6 +295,7 @@ def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path
         "coder": coder.config.model_dump(mode="json"),
     }
     (out / "fmxcoders.json").write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")
+    _world_readable(*(out / n for n in ("model.safetensors", "config.json", "fmxcoders.json")))
     return out
 
 
@@ -245,8 +309,20 @@ def export_run(checkpoint: Path, fmt: str, out: Path, cache_root: Path | None = 
     coder = load_coder(checkpoint)
     record = load_record(checkpoint, cache_root)
     if fmt == "saelens":
-        return export_saelens(coder, record, out)
+        return export_saelens(coder, record, out, _harvest_manifest(record, cache_root))
     return [export_dictionary_learning(coder, record, out)]
+
+
+def _harvest_manifest(record: RunRecord, cache_root: Path | None) -> dict[str, Any] | None:
+    """The run's store's harvest manifest, read through the store's checks; None when the
+    cache is not on this machine (an export needs only the run)."""
+    from pipeline.store.catalog import find_store
+    from pipeline.store.reader import StoreError
+
+    try:
+        return find_store(record.cache_key, cache_root).manifest.get("manifest")
+    except StoreError:
+        return None
 
 
 # ---------------------------------------------------------- the libraries' forwards, re-read
