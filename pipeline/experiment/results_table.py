@@ -33,6 +33,15 @@ CONTROLLED = (
     "decoder_d_eff",
     "judge_good",
     "dead_fraction",
+    "traj_dec_top2",
+    "traj_dec_adjacent_cos",
+    "traj_enc_top2",
+)
+# Trajectory statistics (pipeline.evaluation.trajectories): medians over alive latents.
+TRAJECTORY_COLUMNS = tuple(
+    f"traj_{side}_{stat}"
+    for side in ("dec", "enc")
+    for stat in ("top1", "top2", "top3", "adjacent_cos", "first_last_cos", "carry")
 )
 NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
 NOT_INFORMATIVE = "†"
@@ -117,6 +126,7 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "judge_good": row["judge_good"],
                 "judge_rated": row["judge_rated"],
                 "dead_fraction": row["dead_fraction"],
+                **{key: row.get(key) for key in TRAJECTORY_COLUMNS},
             }
         )
     return table
@@ -353,5 +363,34 @@ def render_recovery(rows: list[dict]) -> str:
         cells = [r["variant"], r["role"], _cell(r, "mmcs"), _cell(r, "recovered")]
         cells += [_cell(r, f"recovered_{k}") for k in RECOVERY_KINDS]
         cells += [_cell(r, m, 2) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_trajectories(table: list[dict]) -> str:
+    """Median trajectory statistics per variant and role (trained beside its untrained
+    control); empty when no row has them (per-layer SAEs only, or an older evaluation)."""
+    rows = [r for r in table if _finite(r.get("traj_dec_top2"))]
+    if not rows:
+        return ""
+    head = "| variant | role | " + " | ".join(
+        f"{side} {stat}" for side in ("dec", "enc") for stat in ("top1", "top2", "top3")
+    )
+    head += " | dec adjacent cos | dec first-last cos | dec layers carrying | enc adjacent cos |"
+    keys = [f"traj_{s}_top{k}" for s in ("dec", "enc") for k in (1, 2, 3)]
+    keys += ["traj_dec_adjacent_cos", "traj_dec_first_last_cos", "traj_dec_carry"]
+    keys += ["traj_enc_adjacent_cos"]
+    lines = [
+        "",
+        "Trajectory statistics (medians over alive latents of each run's [L, d] weights in raw "
+        "units, then mean ± sd over seeds): energy share in the top 1/2/3 singular directions, "
+        "mean cosine between adjacent carrying layers, cosine between the first and last "
+        "carrying layers, and layers carrying the latent (norm >= 0.25 of its peak layer's).",
+        "",
+        head,
+        "|" + "---|" * (len(keys) + 2),
+    ]
+    for r in rows:
+        cells = [r["variant"], r["role"], *(_cell(r, key, 2) for key in keys)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
