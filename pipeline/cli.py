@@ -597,10 +597,20 @@ def spectrum(
 
 @main.command(name="trajectories")
 @click.argument("runs", nargs=-1, required=True)
+@click.option(
+    "--units",
+    type=click.Choice(["raw", "normalised"]),
+    default="raw",
+    show_default=True,
+    help="raw: each layer's normalisation undone (as evaluate); normalised: the units the "
+    "training loss weighs, where every layer has the same mean norm.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @cache_root_option
 @user_errors
-def trajectories_command(runs: tuple[str, ...], as_json: bool, cache_root: Path | None) -> None:
+def trajectories_command(
+    runs: tuple[str, ...], units: str, as_json: bool, cache_root: Path | None
+) -> None:
     """How each latent's per-layer directions move across layers (multi-layer coders).
 
     RUNS are run directories, coder manifests, or run names or hash prefixes (`pipeline
@@ -612,7 +622,7 @@ def trajectories_command(runs: tuple[str, ...], as_json: bool, cache_root: Path 
     \b
     Example:
       pipeline trajectories smoke-crosscoder smoke-fmxcoder
-      pipeline trajectories manifests/coders/tiny-crosscoder.yaml --json
+      pipeline trajectories manifests/coders/tiny-crosscoder.yaml --units normalised --json
     """
     import torch
 
@@ -628,7 +638,9 @@ def trajectories_command(runs: tuple[str, ...], as_json: bool, cache_root: Path 
         if traj is None:
             click.echo(f"{v.name}: per-layer latents have no trajectory", err=True)
             continue
-        rows += tr.quantile_rows(v.name, traj, ~v.coder.dead_latents().cpu().numpy().astype(bool))
+        alive = ~v.coder.dead_latents().cpu().numpy().astype(bool)
+        sides = ("dec", "enc") if units == "raw" else ("dec_norm", "enc_norm")
+        rows += tr.quantile_rows(v.name, traj, alive, sides)
     if as_json:
         click.echo(json.dumps(clean(rows), indent=1))
     elif rows:

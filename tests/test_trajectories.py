@@ -127,3 +127,20 @@ def test_medians_and_quantiles_use_alive_latents_only() -> None:
     rows = quantile_rows("x", traj, alive)
     assert {r["n_alive"] for r in rows} == {5}
     assert all(r["p10"] <= r["p50"] <= r["p90"] for r in rows)
+
+
+def test_normalised_sides_ignore_the_scale_and_cosines_agree() -> None:
+    coder = _coder()
+    scale = torch.tensor([0.1, 1.0, 3.0, 30.0])
+    traj = coder_trajectories(coder, scale)
+    plain = trajectory_stats(coder.decoder_weight())
+    np.testing.assert_allclose(traj["dec_norm"].top, plain.top)
+    # the layer with the smallest scale (the largest raw norms, 10x the next) holds ~99%
+    # of the raw decoder energy: 100 / (100 + 1 + 1/9 + 1/900)
+    assert (traj["dec"].top[:, 0] > 0.98).all() and (traj["dec_norm"].top[:, 0] < 0.9).all()
+    assert (traj["dec"].carry == 1).all() and (traj["dec_norm"].carry == 4).all()
+    # a per-layer scale does not turn a vector: where the same layers carry, cosines agree
+    mild = coder_trajectories(coder, torch.tensor([1.0, 1.2, 0.9, 1.1]))
+    assert (mild["dec"].carry == 4).all()
+    np.testing.assert_allclose(mild["dec"].adjacent_cos, mild["dec_norm"].adjacent_cos)
+    np.testing.assert_allclose(mild["enc"].first_last_cos, mild["enc_norm"].first_last_cos)

@@ -5,6 +5,13 @@ matrix. A per_latent rank-R decoder can only represent matrices of rank <= R, so
 real latents are low-rank decides whether that reading fits them. Per latent, in raw units
 (each layer's normalisation undone, factorised weights expanded):
 
+Each statistic is also given in normalised units (``dec_norm``/``enc_norm``), where every
+layer has the same mean norm: in raw units the residual stream's growth with depth lets a
+few late layers hold most of even a random latent's energy (SmolLM2 cpu-large, untrained
+crosscoder: decoder top-2 share 0.78 raw, 0.24 normalised), while the training loss weighs
+every layer alike. A per-layer scale does not turn a vector, so cosines differ between the
+two only through which layers carry the latent.
+
 * ``top1``/``top2``/``top3``: share of the matrix's energy (squared Frobenius norm) in its
   top 1/2/3 singular directions. A rank-1 latent scores 1.0; a random ``[L, d]`` matrix
   with d >> L scores about k/L.
@@ -29,7 +36,9 @@ import torch
 
 CARRY_RATIO = 0.25  # of the latent's peak per-layer norm
 TOP_KS = (1, 2, 3)
-SIDES = ("dec", "enc")
+# raw units (as every other metric), and normalised ones (the units the training loss weighs:
+# every layer at the same mean norm, so a late layer's larger raw norm does not dominate)
+SIDES = ("dec", "enc", "dec_norm", "enc_norm")
 STATISTICS = ("top1", "top2", "top3", "adjacent_cos", "first_last_cos", "carry")
 
 
@@ -107,10 +116,13 @@ def is_multi_layer(coder) -> bool:
 
 
 def coder_trajectories(coder, scale: torch.Tensor) -> dict[str, Trajectories] | None:
-    """Decoder and encoder statistics of a multi-layer coder; None for per-layer coders."""
+    """Decoder and encoder statistics of a multi-layer coder in raw and in normalised units
+    (``SIDES``); None for per-layer coders."""
     if not is_multi_layer(coder):
         return None
-    return {side: trajectory_stats(w) for side, w in raw_weights(coder, scale).items()}
+    weights = raw_weights(coder, scale)
+    weights |= {f"{k}_norm": w for k, w in raw_weights(coder, torch.ones_like(scale)).items()}
+    return {side: trajectory_stats(w) for side, w in weights.items()}
 
 
 def _quantile(values: np.ndarray, q: float) -> float:
@@ -137,7 +149,9 @@ def latent_columns(traj: dict[str, Trajectories] | None, m: int) -> dict[str, np
     }
 
 
-def quantile_rows(name: str, traj: dict[str, Trajectories], alive: np.ndarray) -> list[dict]:
+def quantile_rows(
+    name: str, traj: dict[str, Trajectories], alive: np.ndarray, sides: tuple = SIDES
+) -> list[dict]:
     """One row per side and statistic: the 10th, 50th and 90th percentile over alive latents."""
     return [
         {
@@ -147,16 +161,17 @@ def quantile_rows(name: str, traj: dict[str, Trajectories], alive: np.ndarray) -
             "n_alive": int(alive.sum()),
             **{f"p{q}": _quantile(values[alive], q / 100) for q in (10, 50, 90)},
         }
-        for side in SIDES
+        for side in sides
         for stat, values in traj[side].columns().items()
     ]
 
 
 def format_quantiles(rows: list[dict]) -> str:
     """A fixed-width table of ``quantile_rows``."""
-    head = f"{'variant':<32}{'side':<6}{'statistic':<16}{'p10':>8}{'median':>8}{'p90':>8}"
+    width = max([len("variant"), *(len(r["variant"]) for r in rows)]) + 2
+    head = f"{'variant':<{width}}{'side':<10}{'statistic':<16}{'p10':>8}{'median':>8}{'p90':>8}"
     lines = [head]
     for r in rows:
         cells = "".join(f"{r[p]:>8.3f}" for p in ("p10", "p50", "p90"))
-        lines.append(f"{r['variant']:<32}{r['side']:<6}{r['statistic']:<16}{cells}")
+        lines.append(f"{r['variant']:<{width}}{r['side']:<10}{r['statistic']:<16}{cells}")
     return "\n".join(lines)

@@ -34,13 +34,14 @@ CONTROLLED = (
     "judge_good",
     "dead_fraction",
     "traj_dec_top2",
+    "traj_dec_norm_top2",
     "traj_dec_adjacent_cos",
-    "traj_enc_top2",
+    "traj_enc_norm_top2",
 )
 # Trajectory statistics (pipeline.evaluation.trajectories): medians over alive latents.
 TRAJECTORY_COLUMNS = tuple(
     f"traj_{side}_{stat}"
-    for side in ("dec", "enc")
+    for side in ("dec", "enc", "dec_norm", "enc_norm")
     for stat in ("top1", "top2", "top3", "adjacent_cos", "first_last_cos", "carry")
 )
 NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
@@ -367,30 +368,38 @@ def render_recovery(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TRAJECTORY_TABLE = (
+    ("traj_dec_norm_top1", "dec top1 (norm.)"),
+    ("traj_dec_norm_top2", "dec top2 (norm.)"),
+    ("traj_dec_norm_top3", "dec top3 (norm.)"),
+    ("traj_dec_top2", "dec top2 (raw)"),
+    ("traj_enc_norm_top2", "enc top2 (norm.)"),
+    ("traj_dec_norm_adjacent_cos", "dec adjacent cos"),
+    ("traj_dec_norm_first_last_cos", "dec first-last cos"),
+    ("traj_dec_norm_carry", "dec layers carrying (norm.)"),
+    ("traj_dec_carry", "dec layers carrying (raw)"),
+)
+
+
 def render_trajectories(table: list[dict]) -> str:
     """Median trajectory statistics per variant and role (trained beside its untrained
     control); empty when no row has them (per-layer SAEs only, or an older evaluation)."""
     rows = [r for r in table if _finite(r.get("traj_dec_top2"))]
     if not rows:
         return ""
-    head = "| variant | role | " + " | ".join(
-        f"{side} {stat}" for side in ("dec", "enc") for stat in ("top1", "top2", "top3")
-    )
-    head += " | dec adjacent cos | dec first-last cos | dec layers carrying | enc adjacent cos |"
-    keys = [f"traj_{s}_top{k}" for s in ("dec", "enc") for k in (1, 2, 3)]
-    keys += ["traj_dec_adjacent_cos", "traj_dec_first_last_cos", "traj_dec_carry"]
-    keys += ["traj_enc_adjacent_cos"]
     lines = [
         "",
-        "Trajectory statistics (medians over alive latents of each run's [L, d] weights in raw "
-        "units, then mean ± sd over seeds): energy share in the top 1/2/3 singular directions, "
-        "mean cosine between adjacent carrying layers, cosine between the first and last "
-        "carrying layers, and layers carrying the latent (norm >= 0.25 of its peak layer's).",
+        "Trajectory statistics (pipeline.evaluation.trajectories; medians over alive latents "
+        "of each run's [L, d] weights, then mean ± sd over seeds): energy share in the top "
+        "1/2/3 singular directions, mean cosine between adjacent carrying layers, cosine "
+        "between the first and last carrying layers, layers carrying the latent (norm >= 0.25 "
+        "of its peak layer's). norm.: every layer at the same mean norm (the training loss's "
+        "units); raw: the residual's own units, where late layers' larger norms dominate.",
         "",
-        head,
-        "|" + "---|" * (len(keys) + 2),
+        "| variant | role | " + " | ".join(title for _, title in TRAJECTORY_TABLE) + " |",
+        "|" + "---|" * (len(TRAJECTORY_TABLE) + 2),
     ]
     for r in rows:
-        cells = [r["variant"], r["role"], *(_cell(r, key, 2) for key in keys)]
+        cells = [r["variant"], r["role"], *(_cell(r, key, 2) for key, _ in TRAJECTORY_TABLE)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
