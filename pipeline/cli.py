@@ -664,5 +664,57 @@ def spectrum(
             click.echo(f"{rank:>6}{value:>12.4f}")
 
 
+@main.command(name="trajectories")
+@click.argument("runs", nargs=-1, required=True)
+@click.option(
+    "--units",
+    type=click.Choice(["raw", "normalised"]),
+    default="raw",
+    show_default=True,
+    help="raw: each layer's normalisation undone (as evaluate); normalised: the units the "
+    "training loss weighs, where every layer has the same mean norm.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@cache_root_option
+@user_errors
+def trajectories_command(
+    runs: tuple[str, ...], units: str, as_json: bool, cache_root: Path | None
+) -> None:
+    """How each latent's per-layer directions move across layers (multi-layer coders).
+
+    RUNS are run directories, coder manifests, or run names or hash prefixes (`pipeline
+    runs`). Per latent not dead at the end of training, on its [L, d] decoder and encoder in
+    raw units: energy share in the top 1/2/3 singular directions, mean adjacent-layer and
+    first-to-last cosine, and layers carrying it (norm >= 0.25 of its peak layer's). Prints
+    the 10th, 50th and 90th percentile. Reads the weights only (and the cache's scales).
+
+    \b
+    Example:
+      pipeline trajectories smoke-crosscoder smoke-fmxcoder
+      pipeline trajectories manifests/coders/tiny-crosscoder.yaml --units normalised --json
+    """
+    import torch
+
+    from pipeline.evaluation import trajectories as tr
+    from pipeline.evaluation.results import clean
+    from stages.evaluate import EvaluateOptions, load_variants
+
+    options = EvaluateOptions(cache_root=cache_root)
+    _, variants = load_variants(resolve_runs(runs), options, torch.device("cpu"))
+    rows = []
+    for v in variants:
+        traj = tr.coder_trajectories(v.coder, v.scale)
+        if traj is None:
+            click.echo(f"{v.name}: per-layer latents have no trajectory", err=True)
+            continue
+        alive = ~v.coder.dead_latents().cpu().numpy().astype(bool)
+        sides = ("dec", "enc") if units == "raw" else ("dec_norm", "enc_norm")
+        rows += tr.quantile_rows(v.name, traj, alive, sides)
+    if as_json:
+        click.echo(json.dumps(clean(rows), indent=1))
+    elif rows:
+        click.echo(tr.format_quantiles(rows))
+
+
 if __name__ == "__main__":
     main()

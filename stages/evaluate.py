@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluation import html_report, recovery, report
+from pipeline.evaluation import html_report, recovery, report, trajectories
 from pipeline.evaluation import latent_details as ld
 from pipeline.evaluation import results as tables
 from pipeline.evaluation.concepts import build_gazetteer
@@ -302,6 +302,9 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
         )
         if truth is not None:
             combined.setdefault("recovery", []).extend(recovered[name]["rows"])
+        if res.trajectories is not None:
+            rows = trajectories.quantile_rows(name, res.trajectories, res.sparsity.alive)
+            combined.setdefault("trajectories", []).extend(rows)
     baselines = baseline_rows(m.probe_rows, variants)
     combined["variants"] = summaries + [
         {k: v for k, v in b.items() if k != "features"} for b in baselines

@@ -34,6 +34,7 @@ from pipeline.experiment.results_table import (
     render_frontier,
     render_markdown,
     render_recovery,
+    render_trajectories,
 )
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError
@@ -179,6 +180,7 @@ def run(
         row["protocol"] = labels.get(row["run_dir"])
     table = protocol_table(summary)
     markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
+    markdown += render_trajectories(table)
     frontier = _frontier(planned, run_dirs)
     if frontier:
         atomic_write_json(root / "frontier.json", frontier)

@@ -6,14 +6,20 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 
+from pipeline.cli import main
+from pipeline.evaluation.trajectories import Trajectories, trajectory_stats
 from pipeline.harvest.cache_key import cache_key
 from pipeline.harvest.planted import (
     KINDS,
     PlantedGenerator,
+    magnitudes,
     planted_features,
     planted_windows,
+    zipf_weights,
 )
 from pipeline.manifests.harvest import HarvestManifest, PlantedSpec
 from pipeline.manifests.io import ManifestError, validate
@@ -42,7 +48,7 @@ def _manifest(**planted) -> HarvestManifest:
 
 
 def test_features_have_the_promised_structure() -> None:
-    spec = PlantedSpec(**TINY, drift_degrees=90)
+    spec = PlantedSpec(**TINY, drift="planar", drift_degrees=90)
     f = planted_features(spec)
     assert f.directions.shape == (8 + 6 + 2 * 2, 4, 16)
     on = np.linalg.norm(f.directions, axis=2) > 0
@@ -56,6 +62,83 @@ def test_features_have_the_promised_structure() -> None:
     assert abs(first @ last) < 1e-9
     grouped = f.kind == KINDS.index("cooccurring")
     assert (f.group[grouped] >= 0).all() and (f.group[~grouped] == -1).all()
+
+
+def _spanning(drift: str, **over) -> tuple[np.ndarray, Trajectories]:
+    """The spanning features of a 10-layer spec that span every layer, and their statistics."""
+    spec = PlantedSpec(
+        n_layers=10, d_model=64, n_single=0, n_spanning=400, n_groups=0, drift=drift, **over
+    )
+    f = planted_features(spec)
+    full = f.directions[f.span == 10]
+    return full, trajectory_stats(full)
+
+
+def test_planar_drift_is_rank_two_with_the_promised_end_to_end_angle() -> None:
+    _, t = _spanning("planar", drift_degrees=72)
+    assert np.allclose(t.top[:, 1], 1.0) and (t.top[:, 0] < 0.999).all()
+    assert np.allclose(t.first_last_cos, np.cos(np.deg2rad(72)))
+    assert np.allclose(t.adjacent_cos, np.cos(np.deg2rad(8)))
+
+
+def test_random_walk_has_its_adjacent_cosine_and_decays_geometrically() -> None:
+    _, t = _spanning("random_walk", adjacent_cosine=0.8)
+    assert np.allclose(t.adjacent_cos, 0.8)
+    # orthogonal steps in d = 64 >> 10 layers: cos(layer 0, layer 9) ~ 0.8 ** 9, a high rank
+    assert abs(np.median(t.first_last_cos) - 0.8**9) < 0.05
+    assert np.median(t.top[:, 1]) < 0.9 and np.median(t.top[:, 2]) < 0.95
+    assert (t.carry == 10).all()  # the magnitude profile (0.5..1.5) stays above the ratio
+
+
+def test_independent_drift_puts_every_pair_of_layers_at_the_cosine() -> None:
+    w, t = _spanning("independent", adjacent_cosine=0.6)
+    unit = w / np.linalg.norm(w, axis=2, keepdims=True)
+    cos = np.einsum("fld,fkd->flk", unit, unit)
+    off = ~np.eye(10, dtype=bool)
+    assert np.allclose(cos[:, off], 0.6)
+    # one shared direction carries cos of the energy plus (1 - cos)/L of the rest: rank is high
+    assert np.median(t.top[:, 0]) == pytest.approx(0.6 + 0.4 / 10, abs=0.05)
+
+
+def test_reshape_turns_once_and_is_rank_two() -> None:
+    w, t = _spanning("reshape", drift_degrees=90)
+    assert np.allclose(t.top[:, 1], 1.0)
+    unit = w / np.linalg.norm(w, axis=2, keepdims=True)
+    adjacent = np.einsum("fld,fld->fl", unit[:, :-1], unit[:, 1:])
+    assert ((np.abs(adjacent - 1) < 1e-9).sum(1) == 8).all()  # every step but one is flat
+    assert (np.abs(adjacent).min(1) < 1e-9).all()  # and that one turns 90 degrees
+    assert np.allclose(t.first_last_cos, 0.0)
+
+
+def test_families_share_spans_profiles_and_first_directions() -> None:
+    a = planted_features(PlantedSpec(**TINY, drift="planar"))
+    b = planted_features(PlantedSpec(**TINY, drift="random_walk"))
+    assert (a.span == b.span).all() and (a.start == b.start).all() and (a.topic == b.topic).all()
+    first = np.arange(a.n_features), a.start
+    assert np.allclose(a.directions[first], b.directions[first])
+
+
+def test_independent_drift_needs_room_for_its_perturbations() -> None:
+    with pytest.raises(ManifestError, match="d_model"):
+        validate(
+            HarvestManifest,
+            {"model": {"source": "planted", "planted": {"d_model": 6, "drift": "independent"}}},
+            "h",
+        )
+
+
+def test_firing_rates_are_zipf_and_magnitudes_heavy_tailed_with_the_set_means() -> None:
+    spec = PlantedSpec(zipf_exponent=1.0, magnitude_sigma=1.5, magnitude_mean=2.0)
+    w = zipf_weights(200, spec)
+    assert w.mean() == pytest.approx(1.0)
+    ranked = np.sort(w)[::-1]
+    assert ranked[0] / ranked[9] == pytest.approx(10.0)  # rank 1 vs rank 10 at exponent 1
+    assert np.allclose(zipf_weights(200, PlantedSpec(zipf_exponent=0.0)), 1.0)
+    size = magnitudes(np.random.default_rng(0), (400_000,), spec)
+    assert size.mean() == pytest.approx(2.0, rel=0.05)
+    assert np.median(size) == pytest.approx(2.0 * np.exp(-(1.5**2) / 2), rel=0.05)
+    expo = magnitudes(np.random.default_rng(0), (400_000,), PlantedSpec(magnitude_sigma=0.0))
+    assert np.quantile(size, 0.999) > 2 * np.quantile(expo, 0.999)  # the heavier tail
 
 
 def test_group_members_fire_together_on_distinct_layers() -> None:
@@ -105,6 +188,10 @@ def test_key_changes_with_every_planted_field_and_ignores_defaults_written_out()
         "doc_tokens": 10,
         "vocab_size": 7,
         "languages": ["en", "fr"],
+        "drift": "planar",
+        "adjacent_cosine": 0.5,
+        "zipf_exponent": 0.0,
+        "magnitude_sigma": 0.0,
     }
     assert set(changed) == set(PlantedSpec.model_fields)
     keys = {cache_key(_manifest(**{field: value})) for field, value in changed.items()}
@@ -171,3 +258,13 @@ def test_planted_experiment_end_to_end(monkeypatch, tmp_path: Path) -> None:
     assert set(cal) == {"fc", "fc_abs", "fc_ablation", "d_eff"}
     assert (result.results / "report" / "recovery.parquet").is_file()
     assert "Planted-feature recovery" in (result.results / "report" / "index.html").read_text()
+    # trajectory statistics: medians in the summary, quantiles in the report, a table
+    # beside the untrained control, and the command on the same run
+    assert 0 < row["traj_dec_top2"] <= 1 and 1 <= row["traj_dec_carry"] <= 4
+    quantiles = pq.read_table(result.results / "report" / "trajectories.parquet").to_pylist()
+    assert {(q["variant"], q["side"]) for q in quantiles} >= {("crosscoder", "enc")}
+    table = (result.results / "table.md").read_text()
+    assert "Trajectory statistics" in table and "| crosscoder | control |" in table
+    out = CliRunner().invoke(main, ["trajectories", str(tmp_path / "runs" / row["run_dir"])])
+    assert out.exit_code == 0, out.output
+    assert "crosscoder" in out.output and "top2" in out.output, out.output

@@ -6,7 +6,9 @@
   (points above the diagonal write to more layers than they read from);
 * ``probing_f1``: mean probing F1 against k, token and sequence tasks, with baselines;
 * ``training``: loss, FVU and L0 against step from each run's ``metrics.jsonl``;
-* ``l0_fvu``: held-out L0 against FVU, one point per variant (the sparsity frontier).
+* ``l0_fvu``: held-out L0 against FVU, one point per variant (the sparsity frontier);
+* ``trajectories``: decoder top-2 energy share and adjacent-layer cosine of the alive
+  latents of every multi-layer variant (``pipeline.evaluation.trajectories``).
 
 Every axis carries a label with its unit, and every figure a title.
 """
@@ -232,6 +234,37 @@ def l0_fvu(summaries: list[dict], path: Path) -> Path:
     return _save(fig, path)
 
 
+TRAJECTORY_PANELS = (
+    ("top2", "decoder energy share in the top 2 singular directions (fraction)", (0, 1)),
+    ("adjacent_cos", "decoder cosine between adjacent carrying layers (mean per latent)", (-1, 1)),
+)
+
+
+def trajectories(results, path: Path) -> Path:
+    """Step histograms of two trajectory statistics per multi-layer variant (alive latents)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    drawn = False
+    for ax, (stat, label, limits) in zip(axes, TRAJECTORY_PANELS, strict=True):
+        bins = np.linspace(*limits, 41)
+        for res in results:
+            if res.trajectories is None:
+                continue
+            values = res.trajectories["dec"].columns()[stat][res.sparsity.alive]
+            values = values[np.isfinite(values)]
+            if values.size:
+                weights = np.full(values.size, 1 / values.size)
+                label_v = f"{res.variant.name} (median {np.median(values):.2f})"
+                ax.hist(values, bins=bins, weights=weights, histtype="step", lw=1.4, label=label_v)
+                drawn = True
+        ylabel = "share of alive latents (fraction)"
+        ax.set(xlabel=label, ylabel=ylabel, title=f"Trajectory: {stat}")
+        if drawn:
+            ax.legend(fontsize=7)
+    if not drawn:
+        axes[0].text(0.5, 0.5, "no multi-layer variant", ha="center", transform=axes[0].transAxes)
+    return _save(fig, path)
+
+
 def write_plots(
     paths: ReportPaths,
     results: list[VariantResult],
@@ -249,4 +282,5 @@ def write_plots(
         "neff_hist": neff_histogram(results, paths.plot("neff_hist")),
         "spread": spread_scatter(results, paths.plot("spread")),
         "probing_f1": probing_f1(results, probe_rows, baselines, paths.plot("probing_f1")),
+        "trajectories": trajectories(results, paths.plot("trajectories")),
     }

@@ -20,6 +20,7 @@ from pipeline.evaluation.judge import GOOD_RATING
 from pipeline.evaluation.latent_details import PURE, LatentDetail
 from pipeline.evaluation.run_metrics import VariantResult
 from pipeline.evaluation.splice import SpliceResult
+from pipeline.evaluation.trajectories import latent_columns, median_columns
 from pipeline.paths import EvaluationPaths, ReportPaths
 from pipeline.store.format import atomic_write_json, atomic_write_parquet
 
@@ -114,6 +115,7 @@ def summary_row(
         "ce_score": _finite_mean(splice.score) if splice else float("nan"),
         "kl": _finite_mean(splice.kl) if splice else float("nan"),
         "ce_clean": splice.ce_clean if splice else float("nan"),
+        **median_columns(res.trajectories, alive),
     }
 
 
@@ -140,6 +142,7 @@ def latent_rows(res: VariantResult, purity: np.ndarray, purity_class: np.ndarray
     s, m = res.sparsity, res.masking
     own = res.variant.coder.latent_layer()
     own = own.cpu().numpy() if own is not None else np.full(s.fire_count.size, -1)
+    traj = latent_columns(res.trajectories, s.fire_count.size)
     return [
         {
             "variant": res.variant.name,
@@ -155,6 +158,7 @@ def latent_rows(res: VariantResult, purity: np.ndarray, purity_class: np.ndarray
             "purity": float(purity[i]),
             "purity_class": str(purity_class[i]) if s.alive[i] else "",
             "own_layer": int(own[i]),
+            **{name: float(values[i]) for name, values in traj.items()},
         }
         for i in range(s.fire_count.size)
     ]

@@ -38,6 +38,7 @@ from pipeline.evaluation.reconstruction import (
 )
 from pipeline.evaluation.spectrum import CP_SAMPLE_TOKENS, accumulator_for, decoder_floor, floor_fvu
 from pipeline.evaluation.top_contexts import TopContexts
+from pipeline.evaluation.trajectories import Trajectories, coder_trajectories
 from pipeline.training.loader import ActivationLoader, Normaliser
 
 # Activation histograms: fixed log10 bins (normalised code units) so one pass serves every
@@ -143,6 +144,8 @@ class VariantResult:
     doc_features: np.ndarray | None  # [n_docs, m] pooled (decoder norms folded in)
     # best FVU of the decoder's subspace (pipeline.evaluation.spectrum)
     floor_fvu: float | None = None
+    # per-latent trajectory statistics, "dec"/"enc" (None for per-layer coders)
+    trajectories: dict[str, Trajectories] | None = None
 
 
 class VariantPass:
@@ -207,6 +210,7 @@ class VariantPass:
             token_index=token_index,
             doc_features=self.features.doc_means(),
             floor_fvu=self._floor_fvu(),
+            trajectories=coder_trajectories(self.coder, self.variant.scale),
         )
 
     def _floor_fvu(self) -> float | None:

@@ -33,6 +33,16 @@ CONTROLLED = (
     "decoder_d_eff",
     "judge_good",
     "dead_fraction",
+    "traj_dec_top2",
+    "traj_dec_norm_top2",
+    "traj_dec_adjacent_cos",
+    "traj_enc_norm_top2",
+)
+# Trajectory statistics (pipeline.evaluation.trajectories): medians over alive latents.
+TRAJECTORY_COLUMNS = tuple(
+    f"traj_{side}_{stat}"
+    for side in ("dec", "enc", "dec_norm", "enc_norm")
+    for stat in ("top1", "top2", "top3", "adjacent_cos", "first_last_cos", "carry")
 )
 NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
 NOT_INFORMATIVE = "†"
@@ -117,6 +127,7 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "judge_good": row["judge_good"],
                 "judge_rated": row["judge_rated"],
                 "dead_fraction": row["dead_fraction"],
+                **{key: row.get(key) for key in TRAJECTORY_COLUMNS},
             }
         )
     return table
@@ -353,5 +364,42 @@ def render_recovery(rows: list[dict]) -> str:
         cells = [r["variant"], r["role"], _cell(r, "mmcs"), _cell(r, "recovered")]
         cells += [_cell(r, f"recovered_{k}") for k in RECOVERY_KINDS]
         cells += [_cell(r, m, 2) for m in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+TRAJECTORY_TABLE = (
+    ("traj_dec_norm_top1", "dec top1 (norm.)"),
+    ("traj_dec_norm_top2", "dec top2 (norm.)"),
+    ("traj_dec_norm_top3", "dec top3 (norm.)"),
+    ("traj_dec_top2", "dec top2 (raw)"),
+    ("traj_enc_norm_top2", "enc top2 (norm.)"),
+    ("traj_dec_norm_adjacent_cos", "dec adjacent cos"),
+    ("traj_dec_norm_first_last_cos", "dec first-last cos"),
+    ("traj_dec_norm_carry", "dec layers carrying (norm.)"),
+    ("traj_dec_carry", "dec layers carrying (raw)"),
+)
+
+
+def render_trajectories(table: list[dict]) -> str:
+    """Median trajectory statistics per variant and role (trained beside its untrained
+    control); empty when no row has them (per-layer SAEs only, or an older evaluation)."""
+    rows = [r for r in table if _finite(r.get("traj_dec_top2"))]
+    if not rows:
+        return ""
+    lines = [
+        "",
+        "Trajectory statistics (pipeline.evaluation.trajectories; medians over alive latents "
+        "of each run's [L, d] weights, then mean ± sd over seeds): energy share in the top "
+        "1/2/3 singular directions, mean cosine between adjacent carrying layers, cosine "
+        "between the first and last carrying layers, layers carrying the latent (norm >= 0.25 "
+        "of its peak layer's). norm.: every layer at the same mean norm (the training loss's "
+        "units); raw: the residual's own units, where late layers' larger norms dominate.",
+        "",
+        "| variant | role | " + " | ".join(title for _, title in TRAJECTORY_TABLE) + " |",
+        "|" + "---|" * (len(TRAJECTORY_TABLE) + 2),
+    ]
+    for r in rows:
+        cells = [r["variant"], r["role"], *(_cell(r, key, 2) for key, _ in TRAJECTORY_TABLE)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

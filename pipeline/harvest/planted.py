@@ -1,10 +1,14 @@
 """Planted-truth activations: a synthetic residual stream built from known sparse features.
 
 ``x[t, l] = sum_f a[t, f] D[f, l] + noise`` with ``D [F, L, d]`` the true features. Spanning
-features drift across their layers, so a decoder has to track a rotating direction;
+features drift across their layers in one of four families (``DRIFTS``): a rotation inside
+one plane (rank 2, the shape of a per_latent rank-2 decoder), a random walk, independent
+perturbations of one direction, or a single turn; so no one reading is favoured by
+construction (the default, a random walk, is set from real crosscoders' trajectories);
 co-occurring groups always fire together on distinct layers, so a crosscoder can merge
 them into one latent. Documents carry a topic that raises the firing probability of the
-features that prefer it (so sequence probes have signal) and a language column.
+features that prefer it (so sequence probes have signal) and a language column. Firing
+rates follow a Zipf law and magnitudes are log-normal, as real latents' are heavy-tailed.
 
 Everything is deterministic in ``PlantedSpec.seed`` (features) and ``tokenization.seed``
 (documents): the truth is regenerated from the manifest at evaluate time rather than
@@ -59,6 +63,54 @@ def _unit(rng: np.random.Generator, d: int) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
+def _orthonormal_to(u: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` orthonormal unit vectors ``[n, d]``, each orthogonal to unit ``u``."""
+    g = rng.standard_normal((u.size, n))
+    g -= np.outer(u, u @ g)
+    q, _ = np.linalg.qr(g)
+    return q.T
+
+
+def _planar(u, v, length, drift, cosine, rng) -> np.ndarray:
+    """Rotates from u towards v by ``drift`` radians over the run: rank 2 by construction."""
+    angles = drift * np.arange(length) / (length - 1)
+    return np.cos(angles)[:, None] * u + np.sin(angles)[:, None] * v
+
+
+def _random_walk(u, v, length, drift, cosine, rng) -> np.ndarray:
+    """Each layer the previous plus a fresh orthogonal step: adjacent cosine ``cosine``,
+    layers j apart at about ``cosine ** j`` (the steps are nearly orthogonal when d >> L)."""
+    steps = rng.standard_normal((length - 1, u.size))
+    path = [u]
+    for step in steps:
+        step -= (step @ path[-1]) * path[-1]
+        step /= np.linalg.norm(step)
+        path.append(cosine * path[-1] + np.sqrt(1 - cosine**2) * step)
+    return np.stack(path)
+
+
+def _independent(u, v, length, drift, cosine, rng) -> np.ndarray:
+    """Each layer the base u plus its own orthogonal perturbation: every pair of layers at
+    cosine ``cosine`` exactly (orthonormal perturbations), nothing moves in order."""
+    return np.sqrt(cosine) * u + np.sqrt(1 - cosine) * _orthonormal_to(u, length, rng)
+
+
+def _reshape(u, v, length, drift, cosine, rng) -> np.ndarray:
+    """u up to a random layer inside the run, then a direction at ``drift`` from u: rank 2,
+    adjacent cosine 1 except across the one turn."""
+    turn = int(rng.integers(1, length))
+    after = np.cos(drift) * u + np.sin(drift) * v
+    return np.stack([u] * turn + [after] * (length - turn))
+
+
+DRIFTS = {
+    "planar": _planar,
+    "random_walk": _random_walk,
+    "independent": _independent,
+    "reshape": _reshape,
+}
+
+
 def planted_features(spec: PlantedSpec) -> PlantedFeatures:
     """The true features of ``spec`` (a pure function of the spec)."""
     rng = np.random.default_rng([spec.seed, 1])
@@ -79,7 +131,7 @@ def planted_features(spec: PlantedSpec) -> PlantedFeatures:
         w[layer] = _unit(rng, d)
         add(w, layer, 1, 0, -1)
     drift = np.deg2rad(spec.drift_degrees)
-    for _ in range(spec.n_spanning):
+    for i in range(spec.n_spanning):
         length = int(rng.integers(2, max_span + 1))
         first = int(rng.integers(0, n_layers - length + 1))
         u = _unit(rng, d)
@@ -87,10 +139,12 @@ def planted_features(spec: PlantedSpec) -> PlantedFeatures:
         v -= (v @ u) * u
         v /= np.linalg.norm(v)
         profile = rng.uniform(0.5, 1.5, length)
+        # the family's own draws come from a stream of their own, so every family plants
+        # the same spans, first directions, profiles and topics: only the drift differs
+        own = np.random.default_rng([spec.seed, 5, i])
+        path = DRIFTS[spec.drift](u, v, length, drift, spec.adjacent_cosine, own)
         w = np.zeros((n_layers, d))
-        for j in range(length):
-            angle = drift * j / (length - 1)
-            w[first + j] = profile[j] * (np.cos(angle) * u + np.sin(angle) * v)
+        w[first : first + length] = profile[:, None] * path
         add(w, first, length, 1, -1)
     for g in range(spec.n_groups):
         for layer in sorted(rng.choice(n_layers, spec.group_size, replace=False).tolist()):
@@ -200,11 +254,11 @@ class PlantedGenerator:
         n_units = int(self.units.max()) + 1
         unit_topic = np.zeros(n_units, dtype=np.int64)
         unit_topic[self.units] = self.features.topic  # a group takes its last member's topic
-        p = self.spec.fire_probability
+        p = self.spec.fire_probability * zipf_weights(n_units, self.spec)
         boost = np.where(
             unit_topic[None, :] == np.arange(self.spec.n_topics)[:, None], self.spec.topic_boost, 1
         )
-        self.unit_probability = np.clip(p * boost, 0, 1)  # [topics, units]
+        self.unit_probability = np.clip(p[None, :] * boost, 0, 1)  # [topics, units]
 
     def codes(self, start: int, stop: int, block: int) -> np.ndarray:
         """True feature activations ``[rows, F]`` (zero on special rows)."""
@@ -212,7 +266,7 @@ class PlantedGenerator:
         topic = self.row_topic[start:stop]
         prob = self.unit_probability[np.maximum(topic, 0)]
         fires = (rng.random(prob.shape) < prob) & (topic >= 0)[:, None]
-        size = rng.exponential(self.spec.magnitude_mean, prob.shape)
+        size = magnitudes(rng, prob.shape, self.spec)
         unit_codes = np.where(fires, size, 0.0)
         return unit_codes[:, self.units]
 
@@ -226,6 +280,23 @@ class PlantedGenerator:
                 self.spec.noise_std
             )
         return x.view(stop - start, len(self.layers), self.spec.d_model)
+
+
+def zipf_weights(n_units: int, spec: PlantedSpec) -> np.ndarray:
+    """``[n_units]`` firing-rate multipliers averaging 1: ``rank ** -zipf_exponent`` over a
+    random ranking, so a few units fire often and most rarely, as real latents do."""
+    rank = np.random.default_rng([spec.seed, 6]).permutation(n_units) + 1.0
+    weights = rank ** -float(spec.zipf_exponent)
+    return weights / weights.mean()
+
+
+def magnitudes(rng: np.random.Generator, shape: tuple, spec: PlantedSpec) -> np.ndarray:
+    """Firing magnitudes with mean ``magnitude_mean``: log-normal (heavy right tail) with
+    ``magnitude_sigma``, or exponential when it is 0."""
+    if spec.magnitude_sigma == 0:
+        return rng.exponential(spec.magnitude_mean, shape)
+    sigma = float(spec.magnitude_sigma)
+    return spec.magnitude_mean * np.exp(sigma * rng.standard_normal(shape) - sigma**2 / 2)
 
 
 def write_planted_blocks(manifest: HarvestManifest, windows: TokenWindows, writer) -> float:

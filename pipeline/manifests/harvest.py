@@ -83,9 +83,9 @@ class PlantedSpec(Strict):
 
     Every field changes the data, so the whole spec enters the cache key. Feature kinds:
     ``single`` (one layer), ``spanning`` (a contiguous run of 2..``max_span`` layers whose
-    direction rotates from u towards v by ``drift_degrees`` over the run, with a random
-    per-layer magnitude profile) and ``cooccurring`` (groups of single-layer features on
-    distinct layers that always fire together: a crosscoder may merge them).
+    direction moves as ``drift`` says, with a random per-layer magnitude profile) and
+    ``cooccurring`` (groups of single-layer features on distinct layers that always fire
+    together: a crosscoder may merge them).
     """
 
     n_layers: int = Field(6, ge=2, description="Layers L of the synthetic residual stream.")
@@ -111,6 +111,33 @@ class PlantedSpec(Strict):
     doc_tokens: int = Field(64, ge=1, description="Mean document length in tokens.")
     vocab_size: int = Field(512, ge=1, description="Synthetic token ids per topic.")
     languages: tuple[Language, ...] = Field(("en",), description="Language column values.")
+    drift: Literal["planar", "random_walk", "independent", "reshape"] = Field(
+        "random_walk",
+        description="How a spanning feature's direction moves across its layers: planar "
+        "(rotates in one plane by drift_degrees: rank 2), random_walk (each layer the previous "
+        "plus an orthogonal step, adjacent cosine = adjacent_cosine), independent (each layer "
+        "a perturbation of one base direction, every pair at cosine adjacent_cosine) or "
+        "reshape (one direction, then another at drift_degrees from it after a random layer).",
+    )
+    adjacent_cosine: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="random_walk: cosine between adjacent layers; independent: between any "
+        "two layers. 0.8 matches a SmolLM2 crosscoder's median (results/planted/README.md).",
+    )
+    zipf_exponent: float = Field(
+        0.5,
+        ge=0,
+        description="Firing probabilities fall as rank^-s over a random ranking of the firing "
+        "units, scaled to average fire_probability (0: every unit alike).",
+    )
+    magnitude_sigma: float = Field(
+        1.0,
+        ge=0,
+        description="Magnitudes are log-normal with this sigma and mean magnitude_mean "
+        "(heavy-tailed); 0 keeps the exponential magnitudes of the first benchmark.",
+    )
 
     @model_validator(mode="after")
     def _check_layers(self) -> PlantedSpec:
@@ -122,6 +149,11 @@ class PlantedSpec(Strict):
             raise ValueError(
                 f"model.planted.group_size ({self.group_size}) exceeds n_layers "
                 f"({self.n_layers}): group members sit on distinct layers"
+            )
+        if self.drift == "independent" and self.d_model <= (self.max_span or self.n_layers):
+            raise ValueError(
+                f"model.planted.d_model ({self.d_model}) must exceed the longest span for "
+                "drift 'independent' (one orthogonal perturbation per layer)"
             )
         if not self.languages:
             raise ValueError("model.planted.languages must name at least one of en, fr, es")
