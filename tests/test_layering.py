@@ -138,3 +138,9 @@ def test_readme_row_names_exactly_the_modules_there(name):
 def test_readme_paths_exist():
     for path in set(re.findall(r"`((?:pipeline|stages)/[\w/.]+)`", README.read_text())):
         assert (PACKAGE.parent / path).exists(), f"README names {path}, which is not there"
+
+
+def test_results_hold_no_code():
+    """results/ is what the README cites; scripts that write it live in bench/."""
+    code = sorted(str(p) for p in (PACKAGE.parent / "results").rglob("*.py"))
+    assert code == [], f"move these to bench/: {code}"

@@ -1,6 +1,6 @@
 """Median trajectory statistics of the planted truth's spanning features, per harvest manifest.
 
-Usage: python results/planted/truth_trajectories.py MANIFEST...  (prints JSON). Also draws
+Usage: python bench/planted_truth_trajectories.py MANIFEST...  (prints JSON). Also draws
 2,000 spanning features with the same parameters (n_spanning raised) to read the full-span
 (span = n_layers) medians on more than the few the manifest plants.
 """
