@@ -66,23 +66,22 @@ def is_quantised(dtype: str) -> bool:
 def quantise(values: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """``[rows, d]`` floats -> (codes ``[rows, d]`` in ``NUMPY_STORAGE[dtype]``, float32
     scales ``[rows]``); an all-zero row gets scale 0 and codes 0."""
-    x = values.float()
-    top = QUANTISED[dtype]
-    scale = x.abs().amax(dim=1) / top
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    scaled = (x * inverse[:, None]).clamp_(-top, top)
+    x = values.float().numpy()  # numpy: torch's CPU casts ran 10-30x slower here
+    top = np.float32(QUANTISED[dtype])
+    scale = np.abs(x).max(axis=1) / top
+    inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
+    scaled = np.clip(x * inverse[:, None], -top, top)
     if dtype == "int8":
-        codes = scaled.round_().to(torch.int8).numpy()
-    else:
-        codes = scaled.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
-    return codes, scale.numpy()
+        return np.rint(scaled).astype(np.int8), scale  # rint: ties to even, as torch.round
+    codes = torch.from_numpy(scaled).to(torch.float8_e4m3fn).view(torch.uint8)
+    return codes.numpy(), scale
 
 
 def codes_float32(codes: np.ndarray, dtype: str) -> np.ndarray:
     """8-bit codes -> their float32 values before scaling (exact: every code is a float32)."""
     if dtype == "int8":
         return codes.view(np.int8).astype(np.float32)
-    return FP8_TABLE[codes.view(np.uint8)]
+    return np.take(FP8_TABLE, codes.view(np.uint8))  # 2x faster than FP8_TABLE[codes]
 
 
 def dequantise(codes: np.ndarray, scales: np.ndarray, dtype: str) -> np.ndarray:

@@ -218,10 +218,14 @@ class ActivationStore:
     def read_layer(self, layer: int, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of one layer, ``[rows, d]``: the storage dtype (torch), or
         for an 8-bit store packed uint8 rows ``[rows, d + 4]`` (codes, then the scale)."""
-        stored = self._read_array(layer, start, stop)
         if self.scales is not None:
-            return torch.from_numpy(pack(stored, self.scales[start:stop, layer]))
-        return from_storage_numpy(stored, self.dtype)
+            return torch.from_numpy(pack(*self.read_codes(layer, start, stop)))
+        return from_storage_numpy(self._read_array(layer, start, stop), self.dtype)
+
+    def read_codes(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """An 8-bit store's codes ``[rows, d]`` and float32 scales ``[rows]`` of one layer."""
+        scales = np.ascontiguousarray(self.scales[start:stop, layer])
+        return self._read_array(layer, start, stop), scales
 
     def read(self, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
         """Rows ``[start, stop)`` as float32 ``[rows, n_layers, d_model]`` in raw units."""
