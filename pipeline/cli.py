@@ -222,6 +222,35 @@ def harvest(
     click.echo(f"{result.key}  {status}  {result.path}")
 
 
+@main.command()
+@click.argument("key")
+@click.option(
+    "--dtype",
+    type=click.Choice(["int8", "float8_e4m3"]),
+    required=True,
+    help="The 8-bit storage dtype to derive (README 'Storage dtypes').",
+)
+@cache_root_option
+@user_errors
+def convert(key: str, dtype: str, cache_root: Path | None) -> None:
+    """Derive an 8-bit store from a finished bf16 store, without the model.
+
+    Same tokens and documents tables, a new key (the one a harvest of the manifest with
+    that storage.dtype would get); a killed convert resumes.
+
+    \b
+    Example:
+      pipeline convert 8cdf9041252243f5 --dtype int8
+    """
+    from stages import convert as convert_stage
+
+    result = convert_stage.run(key, dtype, cache_root)
+    status = (
+        "cache hit" if result.cache_hit else f"converted at {result.tokens_per_second:,.0f} tok/s"
+    )
+    click.echo(f"{result.key}  {status}  {result.path}")
+
+
 @main.command(name="ls")
 @cache_root_option
 @user_errors

@@ -54,6 +54,13 @@ def test_every_train_token_once_per_epoch(store, mode):
     assert sorted(seen) == pytest.approx(sorted(_expected_ids(store, rows)), abs=1e-4)
 
 
+def _sorted_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows in an order fixed by their values: epochs of different modes compare equal."""
+    flat = x.flatten(1)
+    keys = flat[:, :8].double() @ torch.logspace(0, 7, 8, dtype=torch.float64)
+    return flat[torch.argsort(keys)]
+
+
 @pytest.mark.parametrize("centre", [False, True])
 def test_every_mode_serves_the_normalised_stored_values_bit_for_bit(store, centre):
     """Resident and memmap normalise in numpy on a CPU (in their loader threads), stream in
@@ -63,16 +70,11 @@ def test_every_mode_serves_the_normalised_stored_values_bit_for_bit(store, centr
     stored = from_storage_numpy(store.read_stored(0, store.n_tokens), store.dtype)
     expected = normaliser.apply(stored[torch.from_numpy(rows)])
 
-    def sorted_rows(x: torch.Tensor) -> torch.Tensor:
-        flat = x.flatten(1)
-        keys = flat[:, :8].double() @ torch.logspace(0, 7, 8, dtype=torch.float64)
-        return flat[torch.argsort(keys)]
-
     for mode in MODES:
         loader = ActivationLoader(store, batch_size=100, mode=mode, centre=centre, seed=1)
         served = torch.cat(list(loader.epoch(0)))
         loader.close()
-        assert torch.equal(sorted_rows(served), sorted_rows(expected)), mode
+        assert torch.equal(_sorted_rows(served), _sorted_rows(expected)), mode
 
 
 def test_chunks_without_split_rows_lose_nothing(tmp_path):
@@ -305,3 +307,52 @@ def test_stream_strata_must_divide_among_the_ranks(store):
     refusal = r"^run.stream_strata: 3 is not a multiple of the 2 ranks$"
     with pytest.raises(ValueError, match=refusal):
         ActivationLoader(store, batch_size=16, mode="stream", share=(0, 2), stream_strata=3)
+
+
+@pytest.fixture(scope="module", params=["int8", "float8_e4m3"])
+def eight_bit(request, tmp_path_factory) -> ActivationStore:
+    manifest = {**TINY, "storage": {**TINY["storage"], "dtype": request.param}}
+    root = tmp_path_factory.mktemp("cache8")
+    return ActivationStore(harvest.run(HarvestManifest.model_validate(manifest), root).path)
+
+
+@pytest.mark.parametrize("centre", [False, True])
+def test_8bit_every_mode_serves_the_dequantised_values_bit_for_bit(eight_bit, centre):
+    """memmap and resident keep packed 8-bit rows and dequantise per batch; stream
+    dequantises whole chunks: each equals Normaliser.apply on ``store.read`` (codes x scale)."""
+    store = eight_bit
+    rows = split_rows(store, "train")
+    normaliser = Normaliser.from_store(store, list(range(store.n_layers)), centre)
+    expected = normaliser.apply(store.read(0, store.n_tokens)[torch.from_numpy(rows)])
+
+    for mode in MODES:
+        loader = ActivationLoader(store, batch_size=100, mode=mode, centre=centre, seed=1)
+        served = torch.cat(list(loader.epoch(0)))
+        loader.close()
+        assert torch.equal(_sorted_rows(served), _sorted_rows(expected)), mode
+
+
+def test_8bit_modes_hold_packed_rows_and_say_so(eight_bit, store):
+    """Resident data and the memmap file are codes plus a float32 scale per token and
+    layer (d + 4 bytes), and describe() (loader.json) records the tokens per GiB."""
+    layers, d = eight_bit.n_layers, eight_bit.d_model
+    resident = ActivationLoader(eight_bit, batch_size=64, mode="resident")
+    data = resident.reader.data()
+    assert data.dtype == torch.uint8 and data.shape[1:] == (layers, d + 4)
+    memmap = ActivationLoader(eight_bit, batch_size=64, mode="memmap")
+    assert memmap.reader.data.dtype == np.uint8 and memmap.reader.data.shape[1:] == (layers, d + 4)
+    bf16 = ActivationLoader(store, batch_size=64, mode="resident").describe()
+    described = memmap.describe()
+    assert described["storage_dtype"] == eight_bit.dtype
+    assert described["bytes_per_token"] == layers * (d + 4)
+    assert described["resident_tokens_per_gib"] == (1 << 30) // (layers * (d + 4))
+    assert bf16["bytes_per_token"] == layers * d * 2
+    for loader in (resident, memmap):
+        loader.close()
+
+
+def test_8bit_raw_batches_are_the_dequantised_values(eight_bit):
+    loader = ActivationLoader(eight_bit, batch_size=64, mode="stream", split="test")
+    for rows, raw in loader.raw_batches():
+        assert torch.equal(raw, eight_bit.read(0, eight_bit.n_tokens)[torch.from_numpy(rows)])
+    loader.close()

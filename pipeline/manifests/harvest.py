@@ -305,8 +305,11 @@ class HookSpec(Strict):
 
 
 class StorageSpec(Strict):
-    dtype: Literal["bfloat16", "float16", "float32"] = Field(
-        "bfloat16", description="Stored dtype (bf16 keeps fp32's range at half the bytes)."
+    dtype: Literal["bfloat16", "float16", "float32", "int8", "float8_e4m3"] = Field(
+        "bfloat16",
+        description="Stored dtype (bf16 keeps fp32's range at half the bytes). int8 and "
+        "float8_e4m3 store 8-bit codes plus one float32 scale per token and hook "
+        "(scales.safetensors): ~half bf16's bytes, zstd or none codec only.",
     )
     codec: Literal["zstd", "zstd-gpu", "none"] = Field(
         "zstd",

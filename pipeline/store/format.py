@@ -7,6 +7,19 @@ so a flipped bit is a read error instead of a silently wrong value, chunks of wh
 token blocks across d_model (~19 MB at 16384 x 576), no sharding (concurrent partial
 shard writes lose data: zarr-python #3682), ``write_empty_chunks=True`` (the fill-value
 scan cost 4-6x on writes).
+
+8-bit stores (``int8``, ``float8_e4m3``): each value is ``code * scale`` with one float32
+scale per token and hook (absmax / 127 for int8, absmax / 448 for e4m3). Per token,
+because the massive-activation tokens (norms 40-160x the median) would flatten every other
+token under a shared scale; a per-channel scale shared by all tokens was measured worse for
+fp8 and per-token-and-channel costs a scale per value (``bench/storage.py``, README
+"Storage dtypes"). The codes are a zarr ``int8`` / ``uint8`` array (zarr has no float8:
+the array's ``dtype`` attribute names the real one, and the bits are the OCP e4m3fn
+format, ``torch.float8_e4m3fn``); the scales are ``scales.safetensors`` (tensor
+``scales``, float32 ``[n_tokens, n_hooks]``) at the store's root, checksummed in the
+completion record like every other small file. Readers that keep 8-bit data (memmap
+file, resident tensor) hold *packed* rows: the ``d`` codes followed by the scale's 4
+bytes, so a gathered row carries its scale (``packed_float32`` / ``packed_to_float32``).
 """
 
 from __future__ import annotations
@@ -22,8 +35,103 @@ import torch
 
 from pipeline.manifests.harvest import StorageSpec
 
-NUMPY_STORAGE = {"bfloat16": np.uint16, "float16": np.float16, "float32": np.float32}
-TORCH_STORAGE = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+NUMPY_STORAGE = {
+    "bfloat16": np.uint16,
+    "float16": np.float16,
+    "float32": np.float32,
+    "int8": np.int8,
+    "float8_e4m3": np.uint8,
+}
+# The dtype a harvest hands blocks to the writer in. 8-bit stores are quantised from bf16,
+# so converting a bf16 store gives the same bytes as harvesting the 8-bit one directly.
+TORCH_STORAGE = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "int8": torch.bfloat16,
+    "float8_e4m3": torch.bfloat16,
+}
+# 8-bit dtypes: the largest code magnitude (the row's absmax maps to it).
+QUANTISED = {"int8": 127.0, "float8_e4m3": 448.0}
+SCALES_FILE = "scales.safetensors"
+SCALE_BYTES = 4
+# e4m3fn code -> float32 (0x7f and 0xff are NaN: never written, codes are clamped).
+FP8_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+
+
+def is_quantised(dtype: str) -> bool:
+    return dtype in QUANTISED
+
+
+def quantise(values: torch.Tensor, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """``[rows, d]`` floats -> (codes ``[rows, d]`` in ``NUMPY_STORAGE[dtype]``, float32
+    scales ``[rows]``); an all-zero row gets scale 0 and codes 0."""
+    x = values.float().numpy()  # numpy: torch's CPU casts ran 10-30x slower here
+    top = np.float32(QUANTISED[dtype])
+    scale = np.abs(x).max(axis=1) / top
+    inverse = np.divide(1, scale, out=np.zeros_like(scale), where=scale > 0)
+    scaled = np.clip(x * inverse[:, None], -top, top)
+    if dtype == "int8":
+        return np.rint(scaled).astype(np.int8), scale  # rint: ties to even, as torch.round
+    codes = torch.from_numpy(scaled).to(torch.float8_e4m3fn).view(torch.uint8)
+    return codes.numpy(), scale
+
+
+def codes_float32(codes: np.ndarray, dtype: str) -> np.ndarray:
+    """8-bit codes -> their float32 values before scaling (exact: every code is a float32)."""
+    if dtype == "int8":
+        return codes.view(np.int8).astype(np.float32)
+    return np.take(FP8_TABLE, codes.view(np.uint8))  # 2x faster than FP8_TABLE[codes]
+
+
+def dequantise(codes: np.ndarray, scales: np.ndarray, dtype: str) -> np.ndarray:
+    """``codes [..., d]`` and ``scales [...]`` -> float32 ``code * scale``."""
+    values = codes_float32(codes, dtype)
+    values *= scales[..., None]
+    return values
+
+
+def pack(codes: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """``codes [..., d]`` and float32 ``scales [...]`` -> uint8 ``[..., d + 4]``."""
+    out = np.empty((*codes.shape[:-1], codes.shape[-1] + SCALE_BYTES), dtype=np.uint8)
+    out[..., : codes.shape[-1]] = codes.view(np.uint8)
+    out[..., codes.shape[-1] :] = np.ascontiguousarray(scales, dtype="<f4")[..., None].view(
+        np.uint8
+    )
+    return out
+
+
+def packed_float32(packed: np.ndarray, dtype: str) -> np.ndarray:
+    """Packed rows ``[..., d + 4]`` -> float32 ``[..., d]`` (numpy, on the host)."""
+    codes = packed[..., :-SCALE_BYTES]
+    scales = np.ascontiguousarray(packed[..., -SCALE_BYTES:]).view("<f4")[..., 0]
+    return dequantise(codes, scales, dtype)
+
+
+def packed_to_float32(packed: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``packed_float32`` in torch on any device, bit for bit the same values."""
+    codes = packed[..., :-SCALE_BYTES]
+    scales = packed[..., -SCALE_BYTES:].contiguous().view(torch.float32)
+    if dtype == "int8":
+        values = codes.view(torch.int8).float()
+    else:
+        values = codes.contiguous().view(torch.float8_e4m3fn).float()
+    return values.mul_(scales)
+
+
+def to_float32(stored: torch.Tensor, dtype: str) -> torch.Tensor:
+    """A tensor in the readers' storage representation (packed rows for 8-bit) -> a fresh
+    float32 tensor on its device."""
+    if is_quantised(dtype):
+        return packed_to_float32(stored, dtype)
+    return stored.to(torch.float32, copy=True)
+
+
+def row_bytes(d_model: int, dtype: str) -> int:
+    """Bytes of one token and hook as the readers hold it (8-bit: codes plus scale)."""
+    if is_quantised(dtype):
+        return d_model + SCALE_BYTES
+    return d_model * np.dtype(NUMPY_STORAGE[dtype]).itemsize
 
 
 # zstd-gpu: frames at most this big. On SmolLM2 (bench/storage_layout.py, cpu-large store):

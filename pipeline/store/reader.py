@@ -18,9 +18,13 @@ from safetensors.torch import load_file
 
 from pipeline.paths import StorePaths
 from pipeline.store.format import (
+    SCALES_FILE,
     chunk_files,
+    dequantise,
     file_crc32c,
     from_storage_numpy,
+    is_quantised,
+    pack,
     record_crc32c,
     tree_bytes,
 )
@@ -59,18 +63,49 @@ class ActivationStore:
         for name, array in zip(self.hook_names, self.arrays, strict=True):
             if array.shape[0] != self.n_tokens:
                 raise self.damaged(self.paths.array(name), f"shape {array.shape} != record")
+        self.scales = self._open_scales() if is_quantised(self.dtype) else None
         self._pool = ThreadPoolExecutor(max_workers=min(8, len(self.hook_names)))
         if verify:
             self.verify()
 
+    def _open_scales(self) -> np.ndarray:
+        """An 8-bit store's float32 scales ``[n_tokens, n_hooks]``, memory-mapped from the
+        safetensors file (size and crc32c already checked against the record)."""
+        path = self.paths.root / SCALES_FILE
+        if SCALES_FILE not in self.record.get("files", {}):
+            raise self.damaged(path, "not in the completion record")
+        shape = [self.n_tokens, len(self.hook_names)]
+        try:
+            with open(path, "rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                entry = json.loads(handle.read(length))["scales"]
+            if entry["dtype"] != "F32" or entry["shape"] != shape:
+                raise ValueError(
+                    f"tensor 'scales' {entry['dtype']} {entry['shape']} != F32 {shape}"
+                )
+            return np.memmap(
+                path,
+                dtype="<f4",
+                mode="r",
+                offset=8 + length + entry["data_offsets"][0],
+                shape=tuple(shape),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise self.damaged(path, f"unreadable ({err})") from None
+
     def damaged(self, path: Path, problem: str) -> StoreError:
         """One line: the file, what is wrong, and the commands that rebuild the store."""
-        source = "<its harvest manifest>"
-        with contextlib.suppress(OSError, ValueError, AttributeError):
-            source = json.loads(self.paths.manifest.read_text()).get("source") or source
+        rebuild = "pipeline harvest <its harvest manifest>"
+        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
+            stored = json.loads(self.paths.manifest.read_text())
+            if stored.get("converted_from"):  # stages/convert.py derived it
+                dtype = stored["manifest"]["storage"]["dtype"]
+                rebuild = f"pipeline convert {stored['converted_from']} --dtype {dtype}"
+            elif stored.get("source"):
+                rebuild = f"pipeline harvest {stored['source']}"
         return StoreError(
             f"{path}: {problem}; the store is damaged: delete it and re-harvest "
-            f"(rm -rf {self.paths.root} && pipeline harvest {source})"
+            f"(rm -rf {self.paths.root} && {rebuild})"
         )
 
     def _check_files(self, checksums: bool) -> None:
@@ -181,8 +216,16 @@ class ActivationStore:
         return out
 
     def read_layer(self, layer: int, start: int, stop: int) -> torch.Tensor:
-        """Rows ``[start, stop)`` of one layer, ``[rows, d]``, in the storage dtype (torch)."""
+        """Rows ``[start, stop)`` of one layer, ``[rows, d]``: the storage dtype (torch), or
+        for an 8-bit store packed uint8 rows ``[rows, d + 4]`` (codes, then the scale)."""
+        if self.scales is not None:
+            return torch.from_numpy(pack(*self.read_codes(layer, start, stop)))
         return from_storage_numpy(self._read_array(layer, start, stop), self.dtype)
+
+    def read_codes(self, layer: int, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """An 8-bit store's codes ``[rows, d]`` and float32 scales ``[rows]`` of one layer."""
+        scales = np.ascontiguousarray(self.scales[start:stop, layer])
+        return self._read_array(layer, start, stop), scales
 
     def read(
         self,
@@ -197,7 +240,12 @@ class ActivationStore:
             if layers is not None:
                 raise ValueError("read: pass layers or hooks, not both")
             layers = self.layers_of(hooks)
-        return from_storage_numpy(self.read_stored(start, stop, layers), self.dtype).float()
+        stored = self.read_stored(start, stop, layers)
+        if self.scales is not None:
+            layers = list(range(self.n_layers)) if layers is None else layers
+            scales = np.ascontiguousarray(self.scales[start:stop][:, layers])
+            return torch.from_numpy(dequantise(stored, scales, self.dtype))
+        return from_storage_numpy(stored, self.dtype).float()
 
     def layers_of(self, hooks: list[str]) -> list[int]:
         """Positions of ``hooks`` among the stored hooks; a missing one is a one-line error."""

@@ -5,6 +5,11 @@ at their final shape up front (metadata is never rewritten mid-harvest). After a
 chunks are written, a marker (safetensors: per-hook crc32c + the block's statistics) is
 written atomically; a resumed harvest redoes every block without a marker. Chunk files
 on disk prove nothing: only markers do.
+
+An 8-bit store (``storage.dtype`` int8 / float8_e4m3) quantises each block as it arrives;
+the marker also holds the block's scales, and ``finalize`` joins them into
+``scales.safetensors``. Its statistics are those of the dequantised values: what readers
+serve.
 """
 
 from __future__ import annotations
@@ -27,31 +32,56 @@ from pipeline.manifests.harvest import StorageSpec
 from pipeline.paths import StorePaths
 from pipeline.store.format import (
     NUMPY_STORAGE,
+    SCALES_FILE,
     array_layout,
     atomic_write_bytes,
     atomic_write_json,
     chunk_files,
+    dequantise,
     file_checksums,
+    is_quantised,
+    quantise,
     record_crc32c,
     safetensors_bytes,
     to_storage_numpy,
 )
 
 
+def hook_sums(values: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+    """One hook's ``[rows, d]``: sum, norm sum and squared-norm sum over kept rows (float64)."""
+    kept = values[keep].double()
+    norms = kept.norm(dim=1)
+    return kept.sum(0), float(norms.sum()), float(norms.square().sum())
+
+
+def assemble_statistics(sums: list[tuple[torch.Tensor, float, float]], keep: torch.Tensor) -> dict:
+    """``hook_sums`` of every hook -> the block marker's statistics tensors."""
+    return {
+        "sum": torch.stack([s[0] for s in sums]),
+        "norm_sum": torch.tensor([s[1] for s in sums], dtype=torch.float64),
+        "sq_norm_sum": torch.tensor([s[2] for s in sums], dtype=torch.float64),
+        "count": torch.tensor([int(keep.sum())], dtype=torch.float64),
+    }
+
+
 def block_statistics(stored: torch.Tensor, keep: torch.Tensor) -> dict:
-    """Per-hook sums over the block's non-special rows, in float64 so blocks add exactly."""
-    hooks = stored.shape[1]
-    total = torch.zeros(hooks, stored.shape[2], dtype=torch.float64)
-    norm_sum = torch.zeros(hooks, dtype=torch.float64)
-    sq_sum = torch.zeros(hooks, dtype=torch.float64)
-    for j in range(hooks):  # one hook at a time: a whole-block float64 copy is 4x the block
-        values = stored[:, j][keep].double()
-        total[j] = values.sum(0)
-        norms = values.norm(dim=1)
-        norm_sum[j] = norms.sum()
-        sq_sum[j] = norms.square().sum()
-    count = torch.tensor([int(keep.sum())], dtype=torch.float64)
-    return {"sum": total, "norm_sum": norm_sum, "sq_norm_sum": sq_sum, "count": count}
+    """Per-hook sums over the block's non-special rows, in float64 so blocks add exactly;
+    one hook at a time: a whole-block float64 copy is 4x the block."""
+    return assemble_statistics(
+        [hook_sums(stored[:, j], keep) for j in range(stored.shape[1])], keep
+    )
+
+
+def array_attributes(dtype: str, hook: str, index: int) -> dict:
+    """The zarr attributes that say how to read an array's values (zarr has no bf16/fp8)."""
+    attributes = {"dtype": dtype, "hook": hook}
+    if is_quantised(dtype):
+        codes = "int8" if dtype == "int8" else "uint8 bits of float8_e4m3fn"
+        attributes["encoding"] = (
+            f"value = code * scale; code: {codes}; scale: float32 {SCALES_FILE} "
+            f"tensor 'scales'[token, {index}]"
+        )
+    return attributes
 
 
 class StoreWriter:
@@ -67,13 +97,17 @@ class StoreWriter:
         self.hook_names = hook_names
         self.n_tokens = n_tokens
         self.storage = storage
+        if is_quantised(storage.dtype) and storage.codec == "zstd-gpu":
+            raise ValueError(
+                f"storage.dtype {storage.dtype} needs codec zstd or none (zstd-gpu reads bf16)"
+            )
         self.chunk_tokens = min(storage.chunk_tokens, n_tokens)
         self.n_blocks = -(-n_tokens // self.chunk_tokens)
         self._pool = ThreadPoolExecutor(max_workers=min(8, len(hook_names)))
         np_dtype = NUMPY_STORAGE[storage.dtype]
         group = zarr.open_group(paths.activations, mode="a", zarr_format=3)
         self.arrays = []
-        for name in hook_names:
+        for j, name in enumerate(hook_names):
             if name in group:
                 array = group[name]
                 block_rows = (array.shards or array.chunks)[0]
@@ -85,7 +119,7 @@ class StoreWriter:
                     shape=(n_tokens, d_model),
                     dtype=np_dtype,
                     fill_value=0,
-                    attributes={"dtype": storage.dtype, "hook": name},
+                    attributes=array_attributes(storage.dtype, name, j),
                     config={"write_empty_chunks": True},
                     **array_layout(
                         storage, self.chunk_tokens, d_model, np.dtype(np_dtype).itemsize
@@ -107,6 +141,10 @@ class StoreWriter:
         if stored.shape[0] != stop - start:
             raise ValueError(f"block {block}: expected {stop - start} rows, got {stored.shape[0]}")
 
+        if is_quantised(self.storage.dtype):
+            self._write_quantised(block, stored, keep)
+            return
+
         def write(j: int) -> int:
             values = np.ascontiguousarray(to_storage_numpy(stored[:, j]))
             self.arrays[j][start:stop] = values
@@ -114,6 +152,26 @@ class StoreWriter:
 
         crcs = list(self._pool.map(write, range(len(self.hook_names))))
         stats = block_statistics(stored, keep)
+        self._mark(block, stats, crcs)
+
+    def _write_quantised(self, block: int, stored: torch.Tensor, keep: torch.Tensor) -> None:
+        """Quantise each hook in a pool thread; the marker holds the codes' crc32c, the
+        statistics of the dequantised values and the block's scales ``[rows, n_hooks]``."""
+        dtype = self.storage.dtype
+
+        def write(j: int) -> tuple:
+            codes, scales = quantise(stored[:, j], dtype)
+            self.arrays[j][slice(*self.block_rows(block))] = codes
+            values = torch.from_numpy(dequantise(codes, scales, dtype))
+            return crc32c.crc32c(codes), scales, hook_sums(values, keep)
+
+        done = list(self._pool.map(write, range(len(self.hook_names))))
+        stats = assemble_statistics([d[2] for d in done], keep)
+        stats["scales"] = torch.from_numpy(np.stack([d[1] for d in done], axis=1))
+        self._mark(block, stats, [d[0] for d in done])
+
+    def _mark(self, block: int, stats: dict, crcs: list[int]) -> None:
+        start, stop = self.block_rows(block)
         stats["crc32c"] = torch.tensor(crcs, dtype=torch.int64)
         metadata = {"block": str(block), "rows": f"{start},{stop}"}
         atomic_write_bytes(self.paths.block_marker(block), safetensors_bytes(stats, metadata))
@@ -125,6 +183,12 @@ class StoreWriter:
         markers = [load_file(self.paths.block_marker(b)) for b in range(self.n_blocks)]
         totals = {k: sum(m[k] for m in markers) for k in ("sum", "norm_sum", "sq_norm_sum")}
         count = float(sum(m["count"] for m in markers))
+        if is_quantised(self.storage.dtype):
+            scales = torch.cat([m["scales"] for m in markers])
+            atomic_write_bytes(
+                self.paths.root / SCALES_FILE,
+                safetensors_bytes({"scales": scales}, {"dtype": self.storage.dtype}),
+            )
         record = {
             "n_tokens": self.n_tokens,
             "hooks": self.hook_names,
@@ -179,7 +243,7 @@ def write_completion(path: Path, record: dict) -> None:
 
 # --------------------------------------------------------------------------- disk space
 
-ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+ITEM_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "int8": 1, "float8_e4m3": 1}
 TABLE_BYTES_PER_TOKEN = 64  # tokens.parquet + markers, generous (~20-40 B measured)
 
 
@@ -198,7 +262,9 @@ def human_bytes(n: float) -> str:
 def estimate_store_bytes(n_tokens: int, n_hooks: int, d_model: int, dtype: str) -> int:
     """An upper bound on a store's size: uncompressed activations plus the tables
     (shuffle + zstd makes bf16 ~1.5x smaller, so real stores sit well under it)."""
-    return n_tokens * (n_hooks * d_model * ITEM_BYTES[dtype] + TABLE_BYTES_PER_TOKEN)
+    scale_bytes = 4 if is_quantised(dtype) else 0  # one float32 scale per token and hook
+    per_hook = d_model * ITEM_BYTES[dtype] + scale_bytes
+    return n_tokens * (n_hooks * per_hook + TABLE_BYTES_PER_TOKEN)
 
 
 def free_bytes(path: Path) -> int:

@@ -29,6 +29,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from pipeline.store.format import row_bytes, to_float32
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
 from pipeline.training.readers import (
@@ -149,7 +150,8 @@ class ActivationLoader:
         self.decode = decode
         self.share = share
         self.decoder = self._decoder(decode, workers)
-        self.row_bytes = len(self.layers) * store.d_model * 2
+        # as the readers hold a token (8-bit: codes + scale, ~2x bf16's tokens per GiB)
+        self.row_bytes = len(self.layers) * row_bytes(store.d_model, store.dtype)
         if resident_max_bytes is None and mode == "auto":
             resident_max_bytes = resident_budget(self.device)
         file = decoded_file.decoded_file_for(self.decoder, split)
@@ -197,8 +199,9 @@ class ActivationLoader:
             return MemmapReader(
                 self.decoder, self.normaliser, split=self.split, workers=workers, **common
             )
-        # a CPU consumer holds the window as normalised float32: twice the bf16 bytes
-        buffer_row = self.row_bytes * (2 if self.device.type == "cpu" else 1)
+        # a CPU consumer holds the window as normalised float32 (4 bytes a value)
+        float_row = len(self.layers) * self.store.d_model * 4
+        buffer_row = float_row if self.device.type == "cpu" else self.row_bytes
         if window_bytes is None and self.decode == "gpu":  # windows live on the device
             window_bytes = resident_budget(self.device) // 4
         window = stream_window_rows(buffer_row, window_bytes)
@@ -232,6 +235,9 @@ class ActivationLoader:
             "reason": self.choice.reason,
             "decode": self.decode,
             "gather_ahead": self.reader.gather_ahead,
+            "storage_dtype": self.store.dtype,
+            "bytes_per_token": self.row_bytes,
+            "resident_tokens_per_gib": (1 << 30) // self.row_bytes,
             **excluded,
             **self.reader.describe(),
         }
@@ -245,7 +251,8 @@ class ActivationLoader:
         for chunk in range(self.store.n_chunks):
             if len(self.decoder.chunk_rows[chunk]):
                 raw = self.decoder.decode([chunk], normaliser=None)
-                yield self.decoder.chunk_rows[chunk], raw.float().to(self.device)
+                raw = to_float32(raw, self.store.dtype)
+                yield self.decoder.chunk_rows[chunk], raw.to(self.device)
 
     def close(self) -> None:
         self.reader.close()

@@ -1,6 +1,7 @@
 """The memmap mode's file: one split of a store decoded once, uncompressed, read-only.
 
-``[n_rows, L, d]`` in the storage representation (bf16 as uint16 bits), rows in the
+``[n_rows, L, d]`` in the storage representation (bf16 as uint16 bits; an 8-bit store as
+packed uint8 ``[n_rows, L, d + 4]``, codes then scale: half bf16's bytes), rows in the
 split's order. Keyed by the store key, the layer list, the split and a digest of the split's
 row indices (a changed split definition never reuses a stale file). Written to a
 ``.incomplete`` file and renamed; a JSON record beside it holds the shape, the size and the
@@ -20,7 +21,14 @@ import crc32c
 import numpy as np
 
 from pipeline.paths import decoded_split_file
-from pipeline.store.format import NUMPY_STORAGE, atomic_write_json, fsync_dir, to_storage_numpy
+from pipeline.store.format import (
+    NUMPY_STORAGE,
+    atomic_write_json,
+    fsync_dir,
+    is_quantised,
+    row_bytes,
+    to_storage_numpy,
+)
 from pipeline.store.locks import exclusive_lock
 from pipeline.training.readers.base import ChunkDecoder
 
@@ -57,6 +65,9 @@ def decoded_file_for(decoder: ChunkDecoder, split: str) -> DecodedFile:
     material.update(json.dumps({"layers": decoder.layers, "split": split}).encode())
     material.update(rows.tobytes())
     path = decoded_split_file(store.key, material.hexdigest()[:12])
+    if is_quantised(store.dtype):  # packed rows: codes then the float32 scale
+        shape = (int(rows.size), len(decoder.layers), row_bytes(store.d_model, store.dtype))
+        return DecodedFile(path, shape, np.dtype(np.uint8))
     shape = (int(rows.size), len(decoder.layers), store.d_model)
     return DecodedFile(path, shape, np.dtype(NUMPY_STORAGE[store.dtype]))
 

@@ -80,7 +80,7 @@ class MemmapReader(Reader):
                 yield batch
             else:
                 on_device = batch.to(self.device, non_blocking=self.device.type == "cuda")
-                yield self.normaliser.apply(on_device)
+                yield self.normaliser.apply_stored(on_device, self.dtype)
 
     def describe(self) -> dict:
         return {"file": str(self.file.path), "file_bytes": self.file.n_bytes, "built": self.built}

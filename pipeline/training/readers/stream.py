@@ -170,7 +170,7 @@ class StreamReader(Reader):
         if self.device.type == "cpu":
             return batch  # normalised while decoding
         on_device = batch.to(self.device, non_blocking=batch.is_pinned())
-        return self.normaliser.apply(on_device)
+        return self.normaliser.apply_stored(on_device, self.decoder.store.dtype)
 
     # batches -----------------------------------------------------------------------------
 
