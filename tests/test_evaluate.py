@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import threading
 from html.parser import HTMLParser
 from http.server import BaseHTTPRequestHandler
@@ -172,7 +173,19 @@ def test_html_links_resolve_and_text_is_escaped(report: Path) -> None:
     assert 'cross<coder>&"x"' in "".join(_parse(index).text)  # and reads back unescaped
 
 
+def private_copies(runs: list[Path], root: Path) -> list[Path]:
+    """Copies of the module's runs: evaluating a run rewrites its ``evaluation/`` (its latest
+    evaluation), so a test that evaluates again must not touch the shared ones."""
+    copies = []
+    for run in runs:
+        copy = root / "runs" / run.parent.name / run.name
+        shutil.copytree(run, copy)
+        copies.append(copy)
+    return copies
+
+
 def test_cli_evaluate_and_compare(runs: list[Path], tmp_path: Path, monkeypatch) -> None:
+    runs = private_copies(runs, tmp_path / "copies")
     runner = CliRunner()
     args = ["evaluate", *map(str, runs), "--out", str(tmp_path / "r"), "--no-splice"]
     result = runner.invoke(main, [*args, "--max-tokens", "512", "--latents-sampled", "1"])
@@ -230,6 +243,7 @@ class _Judge(BaseHTTPRequestHandler):
 
 
 def test_openai_judge_ratings_reach_the_results(runs, tmp_path, monkeypatch) -> None:
+    runs = private_copies(runs[:1], tmp_path / "copies")
     server = QuietHTTPServer(("127.0.0.1", 0), _Judge)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -238,7 +252,7 @@ def test_openai_judge_ratings_reach_the_results(runs, tmp_path, monkeypatch) -> 
         options = evaluate.EvaluateOptions(
             judge="openai", latents_sampled=2, splice=False, max_tokens=512, progress=False
         )
-        report = evaluate.run(runs[:1], tmp_path, options)
+        report = evaluate.run(runs, tmp_path / "report", options)
     finally:
         server.shutdown()
     (row,) = json.loads(ReportPaths(report).summary.read_text())["variants"]
