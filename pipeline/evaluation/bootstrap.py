@@ -63,14 +63,20 @@ def resample_counts(n_docs: int, n_boot: int = N_BOOT, seed: int = 0) -> np.ndar
 
 
 def interval(
-    values: np.ndarray, level: float = LEVEL, n_units: int | None = None
+    values: np.ndarray,
+    level: float = LEVEL,
+    n_units: int | None = None,
+    estimate: float | None = None,
 ) -> list[float] | None:
     """The percentile interval of the finite replicates; None if under half are finite.
 
     With ``n_units`` (documents resampled), Hesterberg's expanded percentile interval: the
     plain one is too narrow with few units (the bootstrap sd is short by sqrt((n-1)/n) and a
     normal quantile stands in for Student's t), so its tails are taken at
-    ``Phi(-sqrt(n / (n - 1)) * t_{n-1})`` instead of ``(1 - level) / 2``."""
+    ``Phi(-sqrt(n / (n - 1)) * t_{n-1})`` instead of ``(1 - level) / 2``. With the full
+    data's ``estimate``, bias-corrected (Efron's BC): a resampled FVU is biased (duplicated
+    documents shrink the variance around the mean), which would otherwise shift the
+    interval off the estimate."""
     values = np.asarray(values, dtype=float)
     finite = values[np.isfinite(values)]
     if finite.size == 0 or finite.size < values.size / 2:
@@ -79,7 +85,12 @@ def interval(
     if n_units is not None and n_units > 1:
         t = stats.t.ppf(1 - tail, n_units - 1)
         tail = float(stats.norm.cdf(-np.sqrt(n_units / (n_units - 1)) * t))
-    lo, hi = np.percentile(finite, [100 * tail, 100 * (1 - tail)])
+    quantiles = np.array([tail, 1 - tail])
+    if estimate is not None and np.isfinite(estimate):
+        below = (np.sum(finite < estimate) + 0.5 * np.sum(finite == estimate)) / finite.size
+        z0 = stats.norm.ppf(np.clip(below, 0.5 / finite.size, 1 - 0.5 / finite.size))
+        quantiles = stats.norm.cdf(2 * z0 + stats.norm.ppf(quantiles))
+    lo, hi = np.percentile(finite, 100 * quantiles)
     return [float(lo), float(hi)]
 
 
@@ -154,7 +165,7 @@ def count_interval(flags: list[bool], n_boot: int = N_BOOT, seed: int = 0) -> li
         return None
     flags_arr = np.asarray(flags, dtype=float)
     draws = np.random.default_rng(seed).integers(0, flags_arr.size, size=(n_boot, flags_arr.size))
-    return interval(flags_arr[draws].sum(-1), n_units=flags_arr.size)
+    return interval(flags_arr[draws].sum(-1), n_units=flags_arr.size, estimate=flags_arr.sum())
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,7 @@ def probe_replicates(
     counts: np.ndarray,
     k: int,
     C: float = 1.0,
+    first_is_full: bool = False,
 ) -> ProbeReplicates:
     """Refit every concept's k-latent probe inside each replicate: each example weighs as
     often as its document was drawn (as if repeated), latents are re-ranked on that train
@@ -267,8 +279,9 @@ def probe_replicates(
         if ok.any():
             w_tr, w_te = w_train[ok], w_test[ok]
             cols = _top_columns(X_train, split.y_train, w_tr, k_eff)
-            changed += int((np.sort(cols, -1) != full).any(-1).sum())
-            fits += int(ok.sum())
+            counted = ok[ok] if not first_is_full else np.arange(n_boot)[ok] > 0
+            changed += int(((np.sort(cols, -1) != full).any(-1) & counted).sum())
+            fits += int(counted.sum())
             s = torch.from_numpy(w_tr)
             a, b = _standardised(_dense_columns(X_train, cols), _dense_columns(X_test, cols), s)
             y = torch.from_numpy(split.y_train.astype(np.float64)).expand_as(s)
@@ -304,11 +317,13 @@ def variant_intervals(
 ) -> dict:
     """The ``bootstrap`` record of one variant's summary row: a 95% interval for FVU, MSE,
     N_eff and probe F1 (k = PROBE_K) over documents, for the coherent count over the
-    sampled latents, and how often the probe's top-k set changed."""
+    sampled latents, and how often the probe's top-k set changed. Row 0 of the replicates
+    weighs every document once: the full data's figure, the estimate the BC interval needs."""
+    counts = np.vstack([np.ones((1, counts.shape[1]), dtype=counts.dtype), counts])
     fvu, mse = reconstruction_replicates(counts, moments, res.variant.columns, res.doc_err)
     fc = ratio_mean_replicates(counts, *res.doc_fc)
     families = [
-        probe_replicates(X, index, splits, slots_of, counts, PROBE_K)
+        probe_replicates(X, index, splits, slots_of, counts, PROBE_K, first_is_full=True)
         for X, index, splits, slots_of in (
             (res.token_features, res.token_index, tasks.token, lambda r: documents.slot[r]),
             (res.doc_features, tasks.doc_ids, tasks.sequence, documents.slots_of_docs),
@@ -320,17 +335,23 @@ def variant_intervals(
         probe = _nanmean(np.stack([f.f1 for f in families]))
     fits = sum(f.fits for f in families)
     changed = sum(f.topk_changed * f.fits for f in families if f.fits)
+    n = documents.n_docs
+
+    def bc(replicates: np.ndarray) -> list[float] | None:
+        return interval(replicates[1:], n_units=n, estimate=replicates[0])
+
     return {
-        "resamples": int(counts.shape[0]),
+        "resamples": int(counts.shape[0] - 1),
         "unit": "held-out documents",
-        "n_docs": documents.n_docs,
+        "n_docs": n,
         "level": LEVEL,
-        "fvu": interval(fvu, n_units=documents.n_docs),
-        "mse": interval(mse, n_units=documents.n_docs),
-        "fc": interval(fc, n_units=documents.n_docs),
+        "method": "bias-corrected expanded percentile",
+        "fvu": bc(fvu),
+        "mse": bc(mse),
+        "fc": bc(fc),
         "probe_k": PROBE_K,
-        "probe_f1": interval(probe, n_units=documents.n_docs),
+        "probe_f1": bc(probe),
         "probe_topk_changed": changed / fits if fits else None,
-        "judge_good": count_interval(coherent, int(counts.shape[0]), seed),
+        "judge_good": count_interval(coherent, int(counts.shape[0] - 1), seed),
         "judge_good_unit": "sampled latents",
     }
