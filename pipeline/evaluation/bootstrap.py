@@ -134,13 +134,19 @@ def reconstruction_replicates(
     counts: np.ndarray, moments: LayerMoments, columns: Tensor, err: Tensor
 ) -> tuple[np.ndarray, np.ndarray]:
     """FVU and MSE (means over the variant's layers, as in ``reconstruction``) of each
-    replicate; ``columns`` picks the variant's layers out of the shared moments."""
+    replicate; ``columns`` picks the variant's layers out of the shared moments.
+
+    The variance is taken around the full data's mean, not each replicate's: around its
+    own mean, a replicate's variance shrinks by the spread of document means it no longer
+    sees (duplicated documents), which biased every resampled FVU upward, past the spread
+    itself for an untrained coder (smoke control: FVU 1.001, all 200 replicates above)."""
     w = torch.from_numpy(counts).double()
     n = w @ moments.count  # [B]
-    s = torch.einsum("bn,nld->bld", w, moments.sum[:, columns])
+    mean = moments.sum[:, columns].sum(0) / moments.count.sum()  # [L, d], around the shift
+    s = torch.einsum("bn,nld->bl", w, moments.sum[:, columns] * mean)
     q = w @ moments.sum_sq[:, columns]
     e = w @ err
-    variance = q - s.pow(2).sum(-1) / n[:, None]
+    variance = q - 2 * s + n[:, None] * mean.pow(2).sum(-1)
     fvu = (e / variance.clamp_min(1e-30)).mean(-1)
     mse = (e / (n[:, None] * moments.sum.shape[-1])).mean(-1)
     return fvu.numpy(), mse.numpy()
