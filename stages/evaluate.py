@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.evaluation import html_report, recovery, report, trajectories
+from pipeline.evaluation import bootstrap, html_report, recovery, report, trajectories
 from pipeline.evaluation import latent_details as ld
 from pipeline.evaluation import results as tables
 from pipeline.evaluation.concepts import build_gazetteer
@@ -72,6 +72,7 @@ class EvaluateOptions:
     n_top: int = 20  # top contexts kept per latent
     judge_contexts: int = 10  # of those, shown to the judge
     batch_size: int = 1024
+    bootstrap: int = bootstrap.N_BOOT  # resamples of held-out documents (0: no intervals)
     seed: int = 0
     device: str = "auto"
     cache_root: Path | None = None  # default: the one each run's manifest names
@@ -106,6 +107,16 @@ def _run_record(checkpoint: Path) -> tuple[str, CoderManifest, int]:
         recorded_manifest(record["manifest"]),
         extra.get("step", 0),
     )
+
+
+def expected_provenance(targets: list[Path], options: EvaluateOptions) -> dict:
+    """What an evaluation of ``targets`` with ``options`` would record as its provenance
+    (``results.provenance``), computed without evaluating: to decide whether to reuse."""
+    checkpoints = [resolve_checkpoint(t) for t in targets]
+    keys = sorted({_run_record(c)[0] for c in checkpoints})
+    weights = {tables.run_id(c.parent): tables.weights_checksums(c) for c in checkpoints}
+    code = tables.code_version((Path(__file__).resolve(),))
+    return tables.provenance(",".join(keys), weights, vars(options), code)
 
 
 def load_variants(
@@ -191,6 +202,7 @@ class _Measured:
     details: dict[str, list[ld.LatentDetail]]
     splices: dict[str, SpliceResult]
     judged: dict[str, str]  # who rated each variant: the judge, or the labelled fallback
+    intervals: dict[str, dict]  # per variant: the bootstrap record (empty when off)
 
 
 def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
@@ -206,6 +218,8 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
     eval_rows = loader.rows[: options.max_tokens]
     tokens, documents = store.tokens(), store.documents()
     tasks = build_tasks(tokens, documents, eval_rows, build_gazetteer(), options.seed)
+    doc_of_row = tokens["doc_id"].to_numpy().astype(np.int64)
+    doc_index = bootstrap.DocumentIndex.of_rows(doc_of_row, eval_rows)
     with torch.no_grad():
         passed = stream_pass(
             loader,
@@ -216,6 +230,7 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
             n_top=options.n_top,
             masking_tokens=options.masking_tokens,
             progress=options.progress,
+            documents=doc_index if options.bootstrap else None,
         )
     loader.close()
     probe_rows = probe_residual(passed.residual, tasks, options.ks, options.seed)
@@ -224,7 +239,6 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
             res, tasks, hooks_of[res.variant.name], options.ks, options.seed
         )
 
-    doc_of_row = tokens["doc_id"].to_numpy().astype(np.int64)
     labelings = ld.row_labelings(tokens, documents, tasks.concepts)
     purity, chosen = {}, {}
     for r in passed.variants:
@@ -261,10 +275,30 @@ def _measure(store, variants, union, hooks_of, options, backend) -> _Measured:
             judged[name] = f"purity (fallback: {options.judge} judge failed: {failed})"
         if model is not None:
             ld.logit_effects(details[name], res, ld.unembedding(model), hooks_of[name])
-    return _Measured(passed, tasks, probe_rows, purity, details, splices, judged)
+    intervals = _intervals(passed, tasks, doc_index, details, judged, options)
+    return _Measured(passed, tasks, probe_rows, purity, details, splices, judged, intervals)
 
 
-def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -> None:
+def _intervals(passed, tasks, doc_index, details, judged, options) -> dict[str, dict]:
+    """Each variant's bootstrap record, on one shared set of document resamples."""
+    if not options.bootstrap or passed.moments is None or doc_index.n_docs < 2:
+        return {}
+    counts = bootstrap.resample_counts(doc_index.n_docs, options.bootstrap, options.seed)
+    out = {}
+    bar = tqdm(passed.variants, desc="bootstrap", unit="variant", disable=not options.progress)
+    for res in bar:
+        name = res.variant.name
+        sample = [d for d in details[name] if d.chosen_by == RANDOM]
+        flags = tables.coherent_flags(sample, judged[name])
+        out[name] = bootstrap.variant_intervals(
+            res, passed.moments, counts, tasks, doc_index, flags, options.seed
+        )
+    return out
+
+
+def _write(
+    out: ReportPaths, store, variants, hooks_of, m: _Measured, options, provenance: dict
+) -> None:
     summaries, combined = (
         [],
         {"per_layer": [], "latents": [], "sampled": [], "probing": m.probe_rows},
@@ -283,7 +317,8 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             by_k,
             m.splices.get(name),
         )
-        summary["report"] = str(out.root)
+        if name in m.intervals:
+            summary["bootstrap"] = m.intervals[name]
         if truth is not None:
             recovered[name] = recovery.evaluate_variant(res, *truth)
             summary.update(recovered[name]["columns"])
@@ -293,7 +328,12 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
             "probing": [r for r in m.probe_rows if r["features"].split(" @ ")[0] == name],
         }
         run_paths = EvaluationPaths(RunPaths(res.variant.run_dir).evaluation)
-        tables.write_variant(run_paths, summary, own)
+        own_weights = {summary["run_dir"]: provenance["weights"][summary["run_dir"]]}
+        # where the side-by-side report is: in the run's own file only, so that results.json
+        # names no path and reads the same from every data directory
+        traced = {**summary, "report": str(out.root)}
+        traced["provenance"] = {**provenance, "weights": own_weights}
+        tables.write_variant(run_paths, traced, own)
         summaries.append(summary)
         combined["per_layer"] += own["per_layer"]
         combined["latents"] += own["latents"]
@@ -312,7 +352,8 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
     meta = {
         "store": store.key,
         "model": store.manifest["manifest"]["model"],
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in vars(options).items()},
+        "options": tables.recorded_options(vars(options)),
+        "provenance": provenance,
         "n_eval_tokens": int(m.passed.eval_rows.size),
         "outliers": outlier_record(store, variants[0].outlier_ratio),
         "probe_tasks": {
@@ -344,11 +385,12 @@ def _write(out: ReportPaths, store, variants, hooks_of, m: _Measured, options) -
 def run(targets: list[Path], out_dir: Path | None, options: EvaluateOptions) -> Path:
     """Evaluate every run side by side; returns the report directory."""
     backend = ld.judge_backend(options.judge)  # fail on a misconfigured judge before the work
+    provenance = expected_provenance(targets, options)  # before: weights must not change under us
     device = resolve_device(options.device)
     store, variants = load_variants(targets, options, device)
     union = union_layers(variants)
     hooks_of = {v.name: [store.hook_names[layer] for layer in v.layers] for v in variants}
     measured = _measure(store, variants, union, hooks_of, options, backend)
     out = ReportPaths(Path(out_dir) if out_dir else default_out_dir(store, variants, options))
-    _write(out, store, variants, hooks_of, measured, options)
+    _write(out, store, variants, hooks_of, measured, options, provenance)
     return out.root

@@ -4,8 +4,9 @@ table.
 The protocol (pipeline/experiment/protocol.py): a per-variant learning-rate sweep chosen on the
 validation split, every variant once per seed, an untrained control per seed, and a
 sparsity sweep for the L0-FVU frontier. Each step is skipped when its output exists
-(cache hit, finished run, evaluation of the same runs), so an interrupted experiment
-resumes where it stopped.
+(cache hit, finished run), so an interrupted experiment resumes where it stopped; the
+evaluation is reused only when its recorded provenance (weights' checksums, store key,
+options, evaluation-code version) matches and all its report files are there.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.evaluation.results import run_id
+from pipeline.evaluation.results import run_id, stale_reason
 from pipeline.experiment.frontier import plot_frontier, slug
 from pipeline.experiment.manifest import ExperimentManifest, load_experiment, variant_manifests
 from pipeline.experiment.protocol import (
@@ -48,13 +49,6 @@ class ExperimentResult:
     name: str
     results: Path
     table: list[dict]
-
-
-def _evaluation_is_current(summary: Path, run_dirs: list[Path]) -> bool:
-    if not summary.is_file():
-        return False
-    done = {row["run_dir"] for row in json.loads(summary.read_text())["variants"]}
-    return done == {run_id(p) for p in run_dirs}
 
 
 def _train(planned: list[PlannedRun], device: str | None) -> dict[int, Path]:
@@ -163,15 +157,19 @@ def run(
     evaluated = [i for i, p in enumerate(planned) if p.role in ("trained", "control")]
     eval_dirs = [run_dirs[i] for i in evaluated]
     report = ReportPaths(paths.report)
-    if not _evaluation_is_current(report.summary, eval_dirs):
-        options = evaluate.EvaluateOptions(
-            judge=experiment.evaluation.judge,
-            latents_sampled=experiment.evaluation.latents_sampled,
-            max_tokens=experiment.evaluation.max_tokens,
-            splice=experiment.evaluation.splice,
-            splice_off_by="evaluation.splice: false in the experiment manifest",
-            device=device or "auto",
-        )
+    options = evaluate.EvaluateOptions(
+        judge=experiment.evaluation.judge,
+        latents_sampled=experiment.evaluation.latents_sampled,
+        max_tokens=experiment.evaluation.max_tokens,
+        splice=experiment.evaluation.splice,
+        splice_off_by="evaluation.splice: false in the experiment manifest",
+        device=device or "auto",
+    )
+    stale = stale_reason(report, evaluate.expected_provenance(eval_dirs, options))
+    if stale is None:
+        print(f"evaluate: reusing {report.summary} (same weights, store, options and code)")
+    else:
+        print(f"evaluate: {len(eval_dirs)} runs ({stale})", flush=True)
         evaluate.run(eval_dirs, paths.report, options)
 
     summary = json.loads(report.summary.read_text())

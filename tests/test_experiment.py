@@ -66,6 +66,14 @@ def test_tiny_experiment_end_to_end_then_resumes_without_work(monkeypatch, tmp_p
         (result.results / "table.json").read_text(), parse_constant=float
     )
     assert (result.results / "report" / "results.json").stat().st_mtime_ns == summary
+    assert "evaluate: reusing" in capsys.readouterr().out
+
+    # a checkout has no per-latent pages (git-ignored): not current, evaluate again
+    page = next((result.results / "report" / "latents").rglob("*.html"))
+    page.unlink()
+    with pytest.raises(AssertionError, match="a finished step ran again"):
+        experiment.run(manifest, tmp_path / "results")
+    assert "report file(s) missing" in capsys.readouterr().out
 
 
 def _files(root: Path) -> dict[str, bytes]:
@@ -90,7 +98,9 @@ def test_rerun_on_another_machine_writes_identical_results(monkeypatch, tmp_path
     assert sorted(files) == sorted(first)
     changed = [name for name in first if files[name] != first[name]]
     assert not changed, f"differ between runs: {changed}"
-    assert str(tmp_path) not in json.dumps(json.loads(files["report/results.json"]))
+    recorded = json.loads(files["report/results.json"])
+    assert str(tmp_path) not in json.dumps(recorded)
+    assert recorded["provenance"]["store"] == recorded["store"]
 
 
 def test_variant_errors_name_the_variant(tmp_path):

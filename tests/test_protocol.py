@@ -336,3 +336,39 @@ def test_recovery_table_folds_seeds_per_variant_and_role() -> None:
     text = render_recovery([trained, control])
     assert "| cc | trained | 0.850 ± 0.071 |" in text and "ρ(fc, span)" in text
     assert render_recovery([]) == ""
+
+
+def _with_interval(row: dict, **bounds: list[float]) -> dict:
+    record = {"resamples": 200, "level": 0.95, "n_docs": 40, "probe_k": 5}
+    return row | {"bootstrap": record | bounds | {"probe_topk_changed": 0.25}}
+
+
+def test_one_seed_marks_a_difference_inside_the_bootstrap_interval():
+    """One seed has no sd: the † and ≈ rules fall back on the bootstrap interval, so a
+    difference inside the noise is flagged where the seed spread alone would miss it."""
+    fmx = _row("fmx", "trained", 0, 0.40, 3.0, kind="fmxcoder")
+    fmx |= {"token_f1_k5": 0.66, "sequence_f1_k5": 0.66}
+    summary = {
+        "variants": [
+            _with_interval(
+                _row("cc", "trained", 0, 0.30, 4.0), probe_f1=[0.50, 0.70], fvu=[0.29, 0.31]
+            ),
+            _with_interval(fmx, probe_f1=[0.58, 0.74], fvu=[0.39, 0.41]),
+            _with_interval(_row("fmx", "control", 0, 1.0, 3.1, kind="fmxcoder"), fc=[2.0, 4.0]),
+        ]
+    }
+    trained_fmx = protocol_table(summary)[1]
+    assert trained_fmx["seeds"] == 1 and trained_fmx["probe_f1_sd"] == 0.0
+    assert "probe_f1" in trained_fmx["within_noise_of_crosscoder"]  # 0.66 vs 0.50, CI ±0.1, ±0.08
+    assert "fvu" not in trained_fmx["within_noise_of_crosscoder"]  # 0.40 vs 0.30, CI ±0.01
+    assert "fc_n_eff" in trained_fmx["not_informative"]  # 3.0 vs 3.1, control CI ±1
+    assert "fvu" not in trained_fmx["not_informative"]
+    without = protocol_table({"variants": [{k: v for k, v in r.items() if k != "bootstrap"}
+                                           for r in summary["variants"]]})  # fmt: skip
+    assert "probe_f1" not in without[1]["within_noise_of_crosscoder"]  # sd 0: nothing flagged
+    assert "fc_n_eff" not in without[1]["not_informative"]
+    text = render_markdown(protocol_table(summary), summary)
+    assert "0.660 [0.580, 0.740] ≈" in text
+    assert "3.00 † " in text or "3.00 †" in text
+    assert "200 resamples of the 40 held-out documents" in text
+    assert "fmx 25%" in text and "not evidence" in text

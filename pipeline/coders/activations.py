@@ -20,11 +20,31 @@ def _grouped(t: Tensor, n_groups: int) -> Tensor:
     return t.view(t.shape[0], n_groups, -1)
 
 
-def topk_codes(pre: Tensor, k: int, n_groups: int = 1) -> Tensor:
-    """Keep the ``k`` largest pre-activations of each token in each group (ReLU'd)."""
+def topk_codes(pre: Tensor, k: int, n_groups: int = 1, ties_by_index: bool = False) -> Tensor:
+    """Keep the ``k`` largest pre-activations of each token in each group (ReLU'd).
+
+    ``ties_by_index``: where values tie at the k-th place, keep the lowest latent indices
+    (``torch.topk`` picks among ties as its kernel happens to; evaluation must not). It
+    costs one comparison pass, plus a sort of only the rows that tie."""
     p = _grouped(pre, n_groups)
     vals, idx = p.topk(k, dim=-1, sorted=False)
+    if ties_by_index:
+        idx = _lowest_index_on_ties(p, vals, idx)
+        vals = p.gather(-1, idx)
     return torch.zeros_like(p).scatter(-1, idx, vals.relu()).view_as(pre)
+
+
+def _lowest_index_on_ties(p: Tensor, vals: Tensor, idx: Tensor) -> Tensor:
+    """``idx`` with every row whose k-th value ties with an unkept one re-chosen by a stable
+    sort (equal values in index order); rows without such a tie keep their unique set."""
+    kth = vals.amin(-1, keepdim=True)
+    tied = (p >= kth).sum(-1) > idx.shape[-1]
+    if not bool(tied.any()):  # one sync per batch: evaluation only, never the training step
+        return idx
+    idx = idx.clone()
+    order = torch.sort(p[tied], dim=-1, descending=True, stable=True).indices
+    idx[tied] = order[:, : idx.shape[-1]]
+    return idx
 
 
 def pool_groups(t: Tensor, n_groups: int) -> Tensor:
@@ -68,7 +88,7 @@ class TopK(Activation):
         self.k = k
 
     def forward(self, pre: Tensor) -> Tensor:
-        return topk_codes(pre, self.k, self.n_groups)
+        return topk_codes(pre, self.k, self.n_groups, ties_by_index=not self.training)
 
 
 class BatchTopK(Activation):
@@ -90,7 +110,7 @@ class BatchTopK(Activation):
         if self.training:
             return batch_topk_codes(pre, self.k, self.n_groups)
         if bool((self.threshold_updates == 0).any()):
-            return topk_codes(pre, self.k, self.n_groups)
+            return topk_codes(pre, self.k, self.n_groups, ties_by_index=True)
         p = _grouped(pre, self.n_groups)
         thr = self.threshold.to(pre.dtype)[None, :, None]
         return (p * (p > thr)).relu().view_as(pre)

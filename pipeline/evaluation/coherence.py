@@ -72,7 +72,11 @@ class CoherenceAccumulator:
     """Activation-weighted sums of ``N_eff`` per latent, one batch at a time."""
 
     def __init__(
-        self, coder: Coder, mu: Tensor | None = None, block_elements: int = BLOCK_ELEMENTS
+        self,
+        coder: Coder,
+        mu: Tensor | None = None,
+        block_elements: int = BLOCK_ELEMENTS,
+        n_docs: int = 0,
     ) -> None:
         self.coder = coder
         self.mu = None if mu is None else mu.float()
@@ -83,9 +87,13 @@ class CoherenceAccumulator:
         self.den_abs = torch.zeros(coder.n_latents, dtype=torch.float64)
         self.fired = torch.zeros(coder.n_latents, dtype=torch.bool)
         self.undefined = 0
+        # per document (pipeline.evaluation.bootstrap), when n_docs > 0: [docs, m]
+        self.doc_num = torch.zeros(n_docs, coder.n_latents, dtype=torch.float64)
+        self.doc_den = torch.zeros(n_docs, coder.n_latents, dtype=torch.float64)
 
     @torch.no_grad()
-    def update(self, x: Tensor, f: Tensor | None = None) -> None:
+    def update(self, x: Tensor, f: Tensor | None = None, slots: Tensor | None = None) -> None:
+        """``slots``: each token's document slot, to keep per-document sums too."""
         f = self.coder.encode(x) if f is None else f
         active = f > 0
         self.fired |= active.any(0).cpu()
@@ -106,6 +114,8 @@ class CoherenceAccumulator:
             w = torch.where(ok, f[rows.unsqueeze(1), latents], 0).double()
             self.num[latents.cpu()] += (w * torch.nan_to_num(neff).double()).sum(0).cpu()
             self.den[latents.cpu()] += w.sum(0).cpu()
+            if slots is not None:
+                self._per_document(slots[rows.cpu()], latents.cpu(), w * torch.nan_to_num(neff), w)
             self.undefined += int((sub & ~ok).sum())
             neff_abs = effective_layers(c, absolute=True)
             ok_abs = sub & torch.isfinite(neff_abs)
@@ -114,6 +124,15 @@ class CoherenceAccumulator:
                 (w_abs * torch.nan_to_num(neff_abs).double()).sum(0).cpu()
             )
             self.den_abs[latents.cpu()] += w_abs.sum(0).cpu()
+
+    def _per_document(self, docs: Tensor, latents: Tensor, num: Tensor, den: Tensor) -> None:
+        for total, part in ((self.doc_num, num), (self.doc_den, den)):
+            block = torch.zeros(total.shape[0], latents.numel(), dtype=torch.float64)
+            total[:, latents] += block.index_add_(0, docs, part.double().cpu())
+
+    def per_document(self) -> tuple[Tensor, Tensor]:
+        """``(num, den)`` per document and latent: ``fc = sum num / sum den``."""
+        return self.doc_num, self.doc_den
 
     def result(self) -> CoherenceResult:
         fc, fc_mean = weighted_mean(self.num, self.den)

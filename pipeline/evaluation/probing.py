@@ -120,6 +120,16 @@ def rank_features(X: sparse.spmatrix | np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.argsort(-np.abs(gap), kind="stable")
 
 
+def fit_predict(
+    a, y: np.ndarray, b, C: float = 1.0, standardize: bool = True, seed: int = 0
+) -> np.ndarray:
+    """The probe: an L2 logistic regression on ``a`` (standardised), predicting ``b``."""
+    a, b = (a.toarray(), b.toarray()) if sparse.issparse(a) else (a, b)
+    model = LogisticRegression(C=C, max_iter=2000, random_state=seed)
+    clf = make_pipeline(StandardScaler(), model) if standardize else model
+    return clf.fit(a, y).predict(b)
+
+
 @dataclass(frozen=True)
 class ProbeScore:
     concept: str
@@ -150,11 +160,7 @@ def probe_concept(
     scores = []
     for k in sorted({min(k, X.shape[1]) for k in ks}):
         cols = order[:k]
-        a, b = X_train[:, cols], X_test[:, cols]
-        a, b = (a.toarray(), b.toarray()) if sparse.issparse(a) else (a, b)
-        model = LogisticRegression(C=C, max_iter=2000, random_state=seed)
-        clf = make_pipeline(StandardScaler(), model) if standardize else model
-        pred = clf.fit(a, split.y_train).predict(b)
+        pred = fit_predict(X_train[:, cols], split.y_train, X_test[:, cols], C, standardize, seed)
         f1 = f1_score(split.y_test, pred, zero_division=0.0)
         acc = accuracy_score(split.y_test, pred)
         scores.append(ProbeScore(concept, k, float(f1), float(acc), train.size, test.size, cols))

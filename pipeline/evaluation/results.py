@@ -8,8 +8,11 @@ probing tables.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import re
+from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +69,119 @@ def run_id(run_dir: Path) -> str:
     return f"{run_dir.parent.name}/{run_dir.name}"
 
 
+def coherent_flags(details: list[LatentDetail], judge: str) -> list[bool]:
+    """Per rated latent: coherent (rating >= 4, or purity >= PURE for the proxy)?"""
+    if judge.startswith("purity"):  # the proxy, asked for or as the judge's fallback
+        return [bool(d.purity >= PURE) for d in details if np.isfinite(d.purity)]
+    return [d.rating >= GOOD_RATING for d in details if d.rating is not None]
+
+
+# The code an evaluation's figures depend on (relative to pipeline/): any change to these
+# files changes the evaluation-code version, and a recorded evaluation is no longer reused.
+CODE_FILES = (
+    "evaluation/*.py",
+    "coders/*.py",
+    "training/loader.py",
+    "training/readers/*.py",
+    "store/reader.py",
+    "store/outliers.py",
+)
+LIBRARIES = ("torch", "numpy", "scipy", "scikit-learn")
+# Options that change no figure (where things are, how progress shows): not recorded.
+UNRECORDED_OPTIONS = ("cache_root", "progress")
+# Recorded, but no reason to re-evaluate: the device and the wording of the splice note.
+UNCOMPARED_OPTIONS = ("device", "splice_off_by")
+
+
+def code_version(extra: tuple[Path, ...] = ()) -> dict[str, str]:
+    """A SHA-256 over the evaluation code (``CODE_FILES`` and ``extra``, by relative name
+    and bytes, in sorted order) and the versions of the numerical libraries."""
+    package = Path(__file__).resolve().parents[1]
+    files = sorted({f for pattern in CODE_FILES for f in package.glob(pattern)})
+    digest = hashlib.sha256()
+    for f in [*files, *extra]:
+        name = f.relative_to(package) if f.is_relative_to(package) else Path(f.name)
+        digest.update(f"{name.as_posix()}\0".encode() + f.read_bytes() + b"\0")
+    return {"sha256": digest.hexdigest()[:16]} | {lib: version(lib) for lib in LIBRARIES}
+
+
+def weights_checksums(checkpoint: Path) -> dict[str, str]:
+    """``file: sha256`` of a checkpoint, from its ``checksums.json`` (written last)."""
+    path = Path(checkpoint) / "checksums.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing: the checkpoint is not finished")
+    files = json.loads(path.read_text())["files"]
+    return {name: files[name]["sha256"] for name in sorted(files)}
+
+
+def recorded_options(options: dict) -> dict:
+    """The evaluation options as results.json records them (paths left out)."""
+    out = {k: str(v) if isinstance(v, Path) else v for k, v in options.items()}
+    return clean({k: out[k] for k in sorted(out) if k not in UNRECORDED_OPTIONS})
+
+
+def provenance(store: str, weights: dict[str, dict], options: dict, code: dict) -> dict:
+    """What an evaluation's figures are a function of: the store key, each run's weight
+    checksums (by run id), the options and the code. Reuse needs all four to match."""
+    return clean(
+        {
+            "store": store,
+            "weights": {run: weights[run] for run in sorted(weights)},
+            "options": recorded_options(options),
+            "code": code,
+        }
+    )
+
+
+def _differences(recorded: dict, expected: dict) -> list[str]:
+    if recorded.get("store") != expected["store"]:
+        return [f"store {recorded.get('store')} -> {expected['store']}"]
+    out = []
+    old, new = recorded.get("weights", {}), expected["weights"]
+    if set(old) != set(new):
+        out.append("other runs")
+    elif changed := [run for run in new if old[run] != new[run]]:
+        out.append(
+            f"weights of {changed[0]} changed" + (f" (+{len(changed) - 1})" * (len(changed) > 1))
+        )
+    options = [
+        k
+        for k in sorted(set(expected["options"]) | set(recorded.get("options", {})))
+        if k not in UNCOMPARED_OPTIONS
+        and recorded.get("options", {}).get(k) != expected["options"].get(k)
+    ]
+    if options:
+        out.append(f"options differ ({', '.join(options)})")
+    if recorded.get("code") != expected["code"]:
+        out.append("evaluation code or library versions differ")
+    return out
+
+
+def missing_outputs(paths: ReportPaths) -> list[str]:
+    """Report files that are absent: the summary tables, the index, and every page and plot
+    the index links to (per-latent pages are not committed, so a checkout lacks them)."""
+    names = ["results.json", "index.html"]
+    names += [f"{t}.parquet" for t in ("variants", "per_layer", "latents", "sampled", "probing")]
+    if paths.index.is_file():
+        names += re.findall(r'(?:href|src)="((?:latents|plots)/[^"#?]+)"', paths.index.read_text())
+    return [name for name in dict.fromkeys(names) if not (paths.root / name).is_file()]
+
+
+def stale_reason(paths: ReportPaths, expected: dict) -> str | None:
+    """Why the evaluation in ``paths`` cannot be reused for ``expected`` (``provenance``),
+    or None when it can: every recorded input matches and every output is there."""
+    if not paths.summary.is_file():
+        return "no earlier evaluation"
+    recorded = json.loads(paths.summary.read_text()).get("provenance")
+    if recorded is None:
+        return "the earlier results.json records no provenance (older format)"
+    reasons = _differences(recorded, expected)
+    missing = missing_outputs(paths)
+    if missing:
+        reasons.append(f"{len(missing)} report file(s) missing, e.g. {missing[0]}")
+    return "; ".join(reasons) or None
+
+
 def summary_row(
     res: VariantResult,
     hooks: list[str],
@@ -77,12 +193,12 @@ def summary_row(
 ) -> dict[str, Any]:
     v, s = res.variant, res.sparsity
     alive = s.alive
-    rated = [d.rating for d in details if d.rating is not None]
-    if judge.startswith("purity"):  # the proxy, asked for or as the judge's fallback
-        scored = [d.purity for d in details if np.isfinite(d.purity)]
-        good, n_rated, mean = sum(p >= PURE for p in scored), len(scored), _finite_mean(scored)
+    flags = coherent_flags(details, judge)
+    good, n_rated = sum(flags), len(flags)
+    if judge.startswith("purity"):
+        mean = _finite_mean([d.purity for d in details if np.isfinite(d.purity)])
     else:
-        good, n_rated = sum(r >= GOOD_RATING for r in rated), len(rated)
+        rated = [d.rating for d in details if d.rating is not None]
         mean = float(np.mean(rated)) if rated else float("nan")
     return {
         "variant": v.name,

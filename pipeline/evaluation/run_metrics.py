@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from pipeline.coders.base import SparseCoder
+from pipeline.evaluation.bootstrap import DocumentErrors, DocumentIndex, LayerMoments
 from pipeline.evaluation.coherence import (
     CoherenceAccumulator,
     CoherenceResult,
@@ -146,18 +147,31 @@ class VariantResult:
     floor_fvu: float | None = None
     # per-latent trajectory statistics, "dec"/"enc" (None for per-layer coders)
     trajectories: dict[str, Trajectories] | None = None
+    # per-document sums for pipeline.evaluation.bootstrap: error [docs, L], N_eff num/den
+    doc_err: Tensor | None = None
+    doc_fc: tuple[Tensor, Tensor] | None = None
 
 
 class VariantPass:
     """Every accumulator of one variant; ``update`` takes normalised ``x[B, L, d]``."""
 
-    def __init__(self, variant: Variant, probe: ProbeRows, n_top: int, masking_tokens: int):
+    def __init__(
+        self,
+        variant: Variant,
+        probe: ProbeRows,
+        n_top: int,
+        masking_tokens: int,
+        documents: DocumentIndex | None = None,
+    ):
         coder = variant.coder
         self.variant, self.coder = variant, coder
         mu = variant.mu().to(variant.scale.device)
         self.recon = ReconstructionAccumulator(variant.scale)
         self.sparsity = SparsityAccumulator(coder.n_latents, coder.latent_layer(), coder.n_layers)
-        self.coherence = CoherenceAccumulator(coder, mu)
+        self.documents = documents
+        n_docs = documents.n_docs if documents is not None else 0
+        self.doc_err = DocumentErrors(n_docs, variant.scale) if documents is not None else None
+        self.coherence = CoherenceAccumulator(coder, mu, n_docs=n_docs)
         self.masking = MaskingAccumulator(coder, mu) if masking_tokens > 0 else None
         self.masking_left = masking_tokens
         self.top = TopContexts(coder.n_latents, n_top)
@@ -179,9 +193,15 @@ class VariantPass:
             if self.floor_left is not None:
                 self.floor_left -= min(self.floor_left, x.shape[0])
         f = self.coder.encode(x)
-        self.recon.update(x, self.coder.decode(f))
+        x_hat = self.coder.decode(f)
+        self.recon.update(x, x_hat)
         self.sparsity.update(f)
-        self.coherence.update(x, f)
+        slots = None
+        if self.documents is not None and self.doc_err is not None:
+            slots = self.documents.slot[rows]
+            self.doc_err.update(slots, x, x_hat)
+            slots = torch.from_numpy(slots)
+        self.coherence.update(x, f, slots)
         if self.masking is not None and self.masking_left > 0:
             self.masking.update(x[: self.masking_left], f[: self.masking_left])
             self.masking_left -= min(self.masking_left, x.shape[0])
@@ -211,6 +231,8 @@ class VariantPass:
             doc_features=self.features.doc_means(),
             floor_fvu=self._floor_fvu(),
             trajectories=coder_trajectories(self.coder, self.variant.scale),
+            doc_err=None if self.doc_err is None else self.doc_err.err,
+            doc_fc=None if self.doc_err is None else self.coherence.per_document(),
         )
 
     def _floor_fvu(self) -> float | None:
@@ -234,6 +256,7 @@ class PassResult:
     variants: list[VariantResult]
     residual: ResidualFeatures
     eval_rows: np.ndarray  # the held-out rows evaluated, in store order
+    moments: LayerMoments | None = None  # per-document layer moments (bootstrap)
 
 
 def union_layers(variants: list[Variant]) -> list[int]:
@@ -254,10 +277,13 @@ def stream_pass(
     n_top: int = 20,
     masking_tokens: int = 8192,
     progress: bool = True,
+    documents: DocumentIndex | None = None,
 ) -> PassResult:
-    """Stream the loader's split once (chunk by chunk, store order) through every variant."""
-    passes = [VariantPass(v, probe, n_top, masking_tokens) for v in variants]
+    """Stream the loader's split once (chunk by chunk, store order) through every variant;
+    ``documents`` also keeps the per-document sums the bootstrap resamples."""
+    passes = [VariantPass(v, probe, n_top, masking_tokens, documents) for v in variants]
     residual = _FeatureRows(probe)
+    moments = LayerMoments(documents.n_docs) if documents is not None else None
     total = loader.n_tokens if max_tokens is None else min(max_tokens, loader.n_tokens)
     seen: list[np.ndarray] = []
     n_seen = 0
@@ -270,6 +296,8 @@ def stream_pass(
             for start in range(0, rows.size, batch_size):
                 r, x = rows[start : start + batch_size], raw[start : start + batch_size]
                 residual.update(r, x, as_sparse=False)
+                if moments is not None and documents is not None:
+                    moments.update(documents.slot[r], x)
                 for p in passes:
                     p.update(r, p.variant.normalise(x))
                 bar.update(r.size)
@@ -283,4 +311,5 @@ def stream_pass(
         [p.result() for p in passes],
         ResidualFeatures(hooks, token_x, token_index, residual.doc_means()),
         np.concatenate(seen) if seen else np.zeros(0, dtype=np.int64),
+        moments,
     )

@@ -36,6 +36,14 @@ def store_decode(model_spec: dict) -> Decode | None:
         return None
 
 
+def _by_value_then_row(values: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    """Each column ordered by value (highest first), equal values by row (lowest first)."""
+    by_row = rows.argsort(dim=0, stable=True)
+    values, rows = values.gather(0, by_row), rows.gather(0, by_row)
+    by_value = values.argsort(dim=0, descending=True, stable=True)
+    return values.gather(0, by_value), rows.gather(0, by_value)
+
+
 class TopContexts:
     """Bounded per-latent top-n of (activation, row); only positive activations count."""
 
@@ -51,11 +59,20 @@ class TopContexts:
         rows = torch.as_tensor(np.asarray(rows), dtype=torch.long)
         f = f.detach().cpu().float()[:, self.latents]
         f = torch.where(f > 0, f, -torch.inf)
-        values, idx = torch.cat([self.values, f]).topk(self.n_top, dim=0)
-        from_old = idx < self.n_top
-        old = self.rows.gather(0, idx.clamp(max=self.n_top - 1))
-        new = rows[(idx - self.n_top).clamp(min=0)]
-        self.rows = torch.where(torch.isfinite(values), torch.where(from_old, old, new), -1)
+        cat = torch.cat([self.values, f])
+        cat_rows = torch.cat([self.rows, rows[:, None].expand(-1, f.shape[1])])
+        values, idx = cat.topk(self.n_top, dim=0)
+        picked = cat_rows.gather(0, idx)
+        # topk picks among equal values as its kernel happens to: where the n-th value ties
+        # with one left out, a stable sort keeps the earliest rows (old entries come first)
+        tied = torch.isfinite(values[-1]) & ((cat >= values[-1]).sum(0) > self.n_top)
+        if bool(tied.any()):
+            cols = tied.nonzero().squeeze(1)
+            order = torch.sort(cat[:, cols], dim=0, descending=True, stable=True).indices
+            values[:, cols] = cat[:, cols].gather(0, order[: self.n_top])
+            picked[:, cols] = cat_rows[:, cols].gather(0, order[: self.n_top])
+        values, picked = _by_value_then_row(values, picked)
+        self.rows = torch.where(torch.isfinite(values), picked, -1)
         self.values = values
 
     def result(self) -> tuple[np.ndarray, np.ndarray]:

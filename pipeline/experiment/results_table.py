@@ -46,6 +46,15 @@ TRAJECTORY_COLUMNS = tuple(
 )
 NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
 NOT_INFORMATIVE = "†"
+# Table column <- its 95% bootstrap interval in a summary row's ``bootstrap`` record
+# (pipeline.evaluation.bootstrap); the table keeps ``<column>_lo`` and ``<column>_hi``.
+INTERVALS = {"fvu": "fvu", "mse": "mse", "probe_f1": "probe_f1", "fc_n_eff": "fc"}
+INTERVALS |= {"judge_good": "judge_good"}
+INTERVAL_SUFFIXES = ("_lo", "_hi")
+# Compared with the standard crosscoder of the same role (marked WITHIN_NOISE when inside
+# the noise): the paper's comparisons.
+VS_CROSSCODER = ("fvu", "mse", "probe_f1", "fc_n_eff", "judge_good")
+WITHIN_NOISE = "≈"
 
 
 def _probe_f1(row: dict, k: int) -> float:
@@ -128,9 +137,39 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "judge_rated": row["judge_rated"],
                 "dead_fraction": row["dead_fraction"],
                 **{key: row.get(key) for key in TRAJECTORY_COLUMNS},
+                **_intervals(row, k),
             }
         )
     return table
+
+
+def _intervals(row: dict, k: int) -> dict:
+    """``<column>_lo/_hi`` from the row's bootstrap record (the probe's only at this k)."""
+    record = row.get("bootstrap") or {}
+    out: dict = {}
+    for column, name in INTERVALS.items():
+        bounds = record.get(name)
+        if bounds is None or (column == "probe_f1" and record.get("probe_k") != k):
+            continue
+        out[f"{column}_lo"], out[f"{column}_hi"] = bounds
+    if record.get("probe_k") == k and record.get("probe_topk_changed") is not None:
+        out["probe_topk_changed"] = record["probe_topk_changed"]
+    return out
+
+
+def spread(row: dict, key: str) -> float:
+    """The larger of the seed sd and the bootstrap interval's half-width (0 if neither)."""
+    sd = row.get(f"{key}_sd")
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    half = (hi - lo) / 2 if _finite(lo) and _finite(hi) else 0.0
+    return max(sd if _finite(sd) else 0.0, half)
+
+
+def within_noise(a: dict, b: dict, key: str) -> bool:
+    """|a - b| <= the sum of the two spreads (``spread``)."""
+    if not (_finite(a.get(key)) and _finite(b.get(key))):
+        return False
+    return abs(a[key] - b[key]) <= spread(a, key) + spread(b, key)
 
 
 def _mean_sd(values: list) -> tuple[float, float] | None:
@@ -155,7 +194,9 @@ def aggregate(runs: list[dict]) -> list[dict]:
             if key in merged or key in ("run", "seed"):
                 continue
             numeric = [r.get(key) for r in rows]
-            if key not in NOT_AVERAGED and any(_finite(v) for v in numeric):
+            if key.endswith(INTERVAL_SUFFIXES) or key == "probe_topk_changed":
+                merged[key] = (_mean_sd(numeric) or (math.nan,))[0]  # mean over seeds
+            elif key not in NOT_AVERAGED and any(_finite(v) for v in numeric):
                 mean, sd = _mean_sd(numeric)
                 merged[key], merged[f"{key}_sd"] = mean, sd
             elif key not in NOT_AVERAGED and all(isinstance(v, int | float) for v in numeric):
@@ -169,19 +210,30 @@ def aggregate(runs: list[dict]) -> list[dict]:
 
 def mark_uninformative(rows: list[dict]) -> list[dict]:
     """Mark a trained row's metric when |trained mean - control mean| <= the sum of their
-    seed sds (the mean ± sd intervals overlap): training did not move it measurably."""
+    spreads, each the larger of the seed sd and the bootstrap half-width: training did not
+    move it measurably. With one seed the sd is 0 and the bootstrap alone sets the noise."""
     controls = {r["variant"]: r for r in rows if r["role"] == "control"}
     for row in rows:
         control = controls.get(row["variant"])
         if row["role"] != "trained" or control is None:
             continue
-        row["not_informative"] = [
-            key
-            for key in CONTROLLED
-            if _finite(row.get(key))
-            and _finite(control.get(key))
-            and abs(row[key] - control[key])
-            <= (row.get(f"{key}_sd") or 0.0) + (control.get(f"{key}_sd") or 0.0)
+        row["not_informative"] = [key for key in CONTROLLED if within_noise(row, control, key)]
+    return rows
+
+
+def mark_vs_crosscoder(rows: list[dict]) -> list[dict]:
+    """``within_noise_of_crosscoder``: the metrics of a row that do not differ from the
+    (first) standard crosscoder of the same role by more than the two spreads."""
+    crosscoders: dict[str, dict] = {}
+    for row in rows:
+        if row.get("kind") == "crosscoder":
+            crosscoders.setdefault(row["role"], row)
+    for row in rows:
+        reference = crosscoders.get(row["role"])
+        if reference is None or reference is row or row["role"] != "trained":
+            continue
+        row["within_noise_of_crosscoder"] = [
+            key for key in VS_CROSSCODER if within_noise(row, reference, key)
         ]
     return rows
 
@@ -208,7 +260,7 @@ def baseline_table(summary: dict, k: int) -> list[dict]:
 def protocol_table(summary: dict, k: int | None = None) -> list[dict]:
     """Trained rows, then untrained controls, then baselines (see the module docstring)."""
     k = _default_k(summary) if k is None else k
-    rows = mark_uninformative(aggregate(paper_table(summary, k)))
+    rows = mark_vs_crosscoder(mark_uninformative(aggregate(paper_table(summary, k))))
     order = {"trained": 0, "control": 1}
     rows.sort(key=lambda r: order.get(r["role"], 2))  # stable: variant order kept
     return rows + baseline_table(summary, k)
@@ -237,8 +289,13 @@ def _cell(row: dict, key: str, digits: int = 3, fmt=None) -> str:
     sd = row.get(f"{key}_sd")
     if (row.get("seeds") or 0) > 1 and _finite(sd) and _finite(row[key]):
         text += f" ± {show(sd).lstrip('+')}"
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if _finite(lo) and _finite(hi):
+        text += f" [{show(lo)}, {show(hi)}]"
     if key in row.get("not_informative", ()):
         text += f" {NOT_INFORMATIVE}"
+    if key in row.get("within_noise_of_crosscoder", ()):
+        text += f" {WITHIN_NOISE}"
     return text
 
 
@@ -291,10 +348,12 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         )
     lines += [
         "",
-        f"{NOT_INFORMATIVE} not informative: the trained mean lies within the seed spread of "
-        "the untrained (random-init) control of the same variant (|difference| <= sum of the "
-        "two sds). Controls have zero training steps and are evaluated exactly like the "
-        "trained runs; baseline rows are probes on raw features (probe F1 only).",
+        f"{NOT_INFORMATIVE} not informative: the trained mean lies within the noise of the "
+        "untrained (random-init) control of the same variant (|difference| <= sum of the two "
+        "spreads, each the larger of the seed sd and the bootstrap interval's half-width). "
+        "Controls have zero training steps and are evaluated exactly like the trained runs; "
+        "baseline rows are probes on raw features (probe F1 only).",
+        *_noise_notes(table, summary),
     ]
     if lr_sweep:
         lines += ["", "Learning rate per variant (lowest validation FVU, seed 0):", ""]
@@ -304,6 +363,35 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
             edge = " (at the grid's edge)" if entry.get("at_edge") else ""
             lines.append(f"| {variant} | {entry['chosen_lr']:g}{edge} | {points} |")
     return "\n".join(lines) + "\n"
+
+
+def _noise_notes(table: list[dict], summary: dict) -> list[str]:
+    """The footnotes on intervals, the crosscoder comparison and the probe's stability."""
+    record = next((r.get("bootstrap") for r in summary["variants"] if r.get("bootstrap")), None)
+    if record is None:
+        return []
+    lines = [
+        "",
+        f"[lo, hi]: {record['level']:.0%} bootstrap interval over {record['resamples']} "
+        f"resamples of the {record['n_docs']} held-out documents (the probe refitted and its "
+        "latents re-chosen in each; the coherent count resamples the rated latents), the mean "
+        f"of each seed's bounds. {WITHIN_NOISE}: within the noise of the standard crosscoder "
+        "of the same role (same rule as †). One seed at small size checks the pipeline; it is "
+        "not evidence.",
+    ]
+    stability = [
+        f"{r['variant']} {r['probe_topk_changed']:.0%}"
+        for r in table
+        if r["role"] == "trained" and _finite(r.get("probe_topk_changed"))
+    ]
+    if stability:
+        k = record.get("probe_k")
+        lines += [
+            "",
+            f"Probe top-{k} latent set different from the full data's, share of bootstrap "
+            f"fits (trained): {', '.join(stability)}.",
+        ]
+    return lines
 
 
 def render_frontier(frontier: dict[str, list[dict]]) -> str:
