@@ -488,3 +488,16 @@ def test_train_on_a_damaged_store_prints_one_line(tiny_store, tmp_path, monkeypa
     output = cli_error(["train", str(coder)])
     assert output.startswith(f"Error: {store / 'stats.safetensors'}: checksum mismatch")
     assert "not ready" not in output
+
+
+def test_merge_keys_are_not_duplicates_and_what_stands_beside_them_wins(tmp_path):
+    """The example experiments share settings through YAML anchors (``<<: *base``); the
+    duplicate-key check leaves those alone, and an explicit key overrides the merged one."""
+    from pipeline.manifests.io import read_mapping
+
+    path = tmp_path / "m.yaml"
+    path.write_text("base: &base {lr: 0.1, k: 4}\nvariant: {<<: *base, k: 8}\n")
+    assert read_mapping(path)["variant"] == {"lr": 0.1, "k": 8}
+    path.write_text("base: &base {lr: 0.1}\nvariant: {<<: *base, k: 8, k: 16}\n")
+    with pytest.raises(ValueError, match="duplicate key 'k'"):
+        read_mapping(path)

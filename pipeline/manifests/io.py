@@ -29,9 +29,13 @@ class _ManifestLoader(yaml.SafeLoader):
 
 def _unique_mapping(loader: _ManifestLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     """A mapping whose keys are distinct: PyYAML keeps the last of ``k: 4`` / ``k: 8``
-    silently, and a manifest that says two things must not mean one of them."""
+    silently, and a manifest that says two things must not mean one of them. A merge key
+    (``<<: *base``) is not a duplicate, and a key written beside it overrides the merged one,
+    as YAML says."""
     seen: dict = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(
