@@ -59,6 +59,12 @@ class LinearReluCoder(Coder):
     def decoder_norms(self) -> Tensor:
         return self.w_dec.norm(dim=-1)
 
+    def encoder_weight(self) -> Tensor:
+        return self.w_enc
+
+    def decoder_weight(self) -> Tensor:
+        return self.w_dec
+
     def latent_layer(self) -> Tensor | None:
         return self.layer_of_latent
 
