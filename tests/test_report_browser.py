@@ -120,7 +120,9 @@ def test_report_renders_and_every_link_opens(report: Path, tmp_path: Path) -> No
     seen = json.loads(html.unescape(found.group(1)))
     assert seen["title"] == "fmxcoders evaluation"
     assert seen["rows"] >= 1 + len(CODERS)  # header, variants (and baselines)
-    assert len(seen["images"]) == 6  # 4 comparison plots, training curves, L0 vs FVU
+    # 4 comparison plots, training curves, L0 vs FVU, trajectory statistics
+    assert len(seen["images"]) == 7
+    assert any(src == "plots/trajectories.png" for src, *_ in seen["images"])
     for src, width, height in seen["images"]:
         assert width > 300 and height > 200, f"{src} did not load"
     written = list((report / "latents").rglob("*.html"))
