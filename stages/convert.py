@@ -28,17 +28,14 @@ from pipeline.store.format import (
     from_storage_numpy,
     fsync_dir,
     is_quantised,
-    tree_bytes,
 )
 from pipeline.store.locks import exclusive_lock
 from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import (
     StoreWriter,
-    check_free_space,
+    check_store_space,
     disk_full_as_one_line,
-    estimate_store_bytes,
-    write_completion,
-    write_statistics,
+    seal_store,
 )
 from stages.harvest import HarvestResult
 
@@ -99,9 +96,8 @@ def run(source_key: str, dtype: str, cache_root: Path | None = None) -> HarvestR
             return HarvestResult(key, final, cache_hit=True)
         started = time.perf_counter()
         paths = StorePaths(incomplete_store_dir(cache_root, key))
-        needed = estimate_store_bytes(source.n_tokens, source.n_layers, source.d_model, dtype)
-        written = tree_bytes(paths.root) if paths.root.is_dir() else 0
-        check_free_space(paths.root, needed - written, "this convert (uncompressed upper bound)")
+        shape = source.n_tokens, source.n_layers, source.d_model
+        check_store_space(paths.root, *shape, dtype, "this convert")
         paths.root.mkdir(parents=True, exist_ok=True)
         for table in (source.paths.tokens, source.paths.documents):
             shutil.copyfile(table, paths.root / table.name)
@@ -116,9 +112,7 @@ def run(source_key: str, dtype: str, cache_root: Path | None = None) -> HarvestR
         except BaseException:
             writer.close()
             raise
-        summary = writer.finalize(time.perf_counter() - started)
-        write_statistics(paths.stats, summary["totals"], summary["count"])
-        write_completion(paths.completion, summary["record"])
+        seal_store(writer, paths, time.perf_counter() - started)
         os.replace(paths.root, final)
         fsync_dir(cache_root)
     return HarvestResult(key, final, cache_hit=False, tokens_per_second=rate)

