@@ -745,5 +745,59 @@ def trajectories_command(
         click.echo(tr.format_quantiles(rows))
 
 
+@main.group(name="collate")
+def collate_group() -> None:
+    """Tables across experiments: several `pipeline run` results directories side by side.
+
+    \b
+    Example:
+      pipeline collate families results/planted results/planted-* --out results/planted
+      pipeline collate trend results/scale/scale-* --out results/scale
+    """
+
+
+def _collate_experiments(dirs: tuple[Path, ...]) -> list:
+    from pipeline.experiment import collate
+
+    return [collate.load_experiment(d) for d in dirs]
+
+
+@collate_group.command(name="families")
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for families.md and families.json.")  # fmt: skip
+@user_errors
+def collate_families(results_dirs: tuple[Path, ...], out: Path) -> None:
+    """Planted recovery per drift family: one planted experiment per family, each variant's
+    share of true features recovered per kind (single, spanning, co-occurring) and its FVU."""
+    from pipeline.experiment import collate
+
+    rows = collate.family_recovery(_collate_experiments(results_dirs))
+    markdown = collate.render_families(rows)
+    for path in collate.write(rows, markdown, out, "families"):
+        click.echo(f"wrote {path}")
+    click.echo(markdown)
+
+
+@collate_group.command(name="trend")
+@click.argument("results_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for trend.md, trend.json and trend.png.")  # fmt: skip
+@user_errors
+def collate_trend(results_dirs: tuple[Path, ...], out: Path) -> None:
+    """fmxcoder vs crosscoder (same latents, same parameters) against training tokens:
+    MSE ratio and probe-F1 difference, paired by seed, from experiments that differ in
+    their training budget."""
+    from pipeline.experiment import collate
+
+    rows = collate.scale_trend(_collate_experiments(results_dirs))
+    markdown = collate.render_trend(rows)
+    paths = collate.write(rows, markdown, out, "trend")
+    paths.append(collate.plot_trend(rows, out / "trend.png"))
+    for path in paths:
+        click.echo(f"wrote {path}")
+    click.echo(markdown)
+
+
 if __name__ == "__main__":
     main()
