@@ -248,6 +248,11 @@ class ExperimentPaths:
         return self.root / "table.md"
 
     @property
+    def protocol_labels(self) -> Path:
+        """Each evaluated run's protocol label (variant, role, seed, lr), by run directory."""
+        return self.root / "protocol.json"
+
+    @property
     def experiment_manifest(self) -> Path:
         return self.root / "experiment.yaml"
 

@@ -174,6 +174,7 @@ def run(
 
     summary = json.loads(report.summary.read_text())
     labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
+    atomic_write_json(paths.protocol_labels, labels)  # read by `pipeline collate`
     for row in summary["variants"]:
         row["protocol"] = labels.get(row["run_dir"])
     table = protocol_table(summary)

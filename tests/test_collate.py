@@ -47,6 +47,10 @@ def _results_dir(root: Path, name: str, tokens: int, runs: list[dict], drift: st
     harvest = {"model": {"source": "planted", "planted": {"drift": drift}}}
     (path / "experiment.yaml").write_text(yaml.safe_dump(experiment))
     (path / "harvest.yaml").write_text(yaml.safe_dump(harvest))
+    for i, run in enumerate(runs):
+        run["run_dir"] = f"cache/run{i}"
+    labels = {run["run_dir"]: run.pop("protocol") for run in runs}
+    (path / "protocol.json").write_text(json.dumps(labels))
     summary = {"variants": runs, "recovery": recovery or {}}
     (path / "report" / "results.json").write_text(json.dumps(summary))
     return path

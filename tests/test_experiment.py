@@ -45,6 +45,7 @@ def test_tiny_experiment_end_to_end_then_resumes_without_work(monkeypatch, tmp_p
     frontier = json.loads((result.results / "frontier.json").read_text())
     assert [p["k"] for p in frontier["per-layer-sae"]] == [1, 2, 4]
     names = ("table.md", "table.json", "experiment.yaml", "harvest.yaml", "report/index.html")
+    names += ("protocol.json",)
     names += tuple(f"frontier-{v}.png" for v in ("per-layer-sae", "crosscoder", "fmxcoder"))
     for name in names:
         assert (result.results / name).is_file(), name

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 
 from pipeline.experiment.results_table import paper_table, recovery_table
 from pipeline.manifests.io import read_mapping
+from pipeline.paths import ExperimentPaths
 
 RECOVERY_KINDS = ("single", "spanning", "cooccurring")
 # A crosscoder counts as parameter-matched to an fmxcoder within this relative difference
@@ -59,15 +60,21 @@ class Experiment:
 
 def load_experiment(path: Path) -> Experiment:
     """Read a results directory; a missing file is named in the error."""
-    files = {"experiment.yaml": None, "harvest.yaml": None, "report/results.json": None}
-    for name in files:
+    for name in ("experiment.yaml", "harvest.yaml", "protocol.json", "report/results.json"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name}: missing (is {path} written by pipeline run?)")
+            raise FileNotFoundError(
+                f"{path / name}: missing (written by pipeline run; rerun it to add it)"
+            )
+    paths = ExperimentPaths(path)
+    summary = json.loads((paths.report / "results.json").read_text())
+    labels = json.loads(paths.protocol_labels.read_text())
+    for row in summary["variants"]:
+        row["protocol"] = labels.get(row["run_dir"])
     return Experiment(
         path=path,
-        experiment=read_mapping(path / "experiment.yaml"),
-        harvest=read_mapping(path / "harvest.yaml"),
-        summary=json.loads((path / "report" / "results.json").read_text()),
+        experiment=read_mapping(paths.experiment_manifest),
+        harvest=read_mapping(paths.harvest_manifest),
+        summary=summary,
     )
 
 
