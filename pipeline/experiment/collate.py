@@ -102,13 +102,14 @@ def family_recovery(experiments: list[Experiment]) -> list[dict]:
     rows = []
     for exp in experiments:
         fvu = {(r["variant"], r["role"]): r for r in _aggregate_fvu(paper_table(exp.summary))}
-        for row in recovery_table(exp.summary):
+        order = list(dict.fromkeys(r["variant"] for r in paper_table(exp.summary)))
+        recovery = sorted(recovery_table(exp.summary), key=lambda r: order.index(r["variant"]))
+        for row in recovery:
             out = {"family": exp.drift, "experiment": exp.name}
             out |= {"variant": row["variant"], "role": row["role"], "seeds": row["seeds"]}
-            for kind in ("", *(f"_{k}" for k in RECOVERY_KINDS)):
-                key = f"recovered{kind}"
-                out[key], out[f"{key}_sd"] = row.get(key), row.get(f"{key}_sd")
-            out["mmcs"], out["mmcs_sd"] = row.get("mmcs"), row.get("mmcs_sd")
+            for key in ("mmcs", "recovered", *(f"recovered_{k}" for k in RECOVERY_KINDS)):
+                sd = row.get(f"{key}_sd") if row["seeds"] > 1 else math.nan  # no spread
+                out[key], out[f"{key}_sd"] = row.get(key), sd
             f = fvu.get((row["variant"], row["role"]), {})
             out["fvu"], out["fvu_sd"] = f.get("fvu", math.nan), f.get("fvu_sd", math.nan)
             rows.append(out)
