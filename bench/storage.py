@@ -54,6 +54,7 @@ from stages import convert, harvest, train
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ["bfloat16", *QUANTISED]
+PARTS = ("store", "harvest", "downstream", "planted")
 MASSIVE_RATIO = 30.0  # the training default (training.outlier_norm_ratio)
 TOPK32 = {"activation": "topk", "k": 32}
 FMX = {
@@ -412,6 +413,13 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--planted-steps", type=int, default=64)
     parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure (store: bytes, convert, decode, added error)",
+    )
+    parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (0: default; 1: see bench/harvest.py)"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/storage-cpu.json")
@@ -502,6 +510,17 @@ class Phases:
         self.out.write_text(json.dumps(self.result, indent=1) + "\n")
 
 
+def store_part(stores: dict, args: argparse.Namespace) -> dict:
+    """Bytes, decode speed and added error of each dtype's store."""
+    out: dict = {"bytes": {d: store_bytes(s) for d, s in stores.items()}}
+    base = out["bytes"]["bfloat16"]["bytes_per_token_layer"]
+    for d in QUANTISED:
+        out["bytes"][d]["vs_bf16"] = out["bytes"][d]["bytes_per_token_layer"] / base
+    out["decode"] = decode_rates(stores)
+    print(json.dumps(out, indent=1), flush=True)
+    return out | quality(stores, stores["bfloat16"].read(0, args.error_tokens).numpy())
+
+
 def main() -> None:
     args = arguments()
     if args.threads:  # one thread: a shared CPU stalls torch's OpenMP team at every barrier
@@ -509,6 +528,7 @@ def main() -> None:
     started = time.perf_counter()
     result: dict = {
         "complete": False,
+        "parts": args.parts,
         "device": common.device_name(torch.device("cpu")),
         "load_average_start": common.load_average(),
         "recipe": recipe(args),
@@ -516,35 +536,33 @@ def main() -> None:
     phases = Phases(result, args.out)
     with tempfile.TemporaryDirectory(prefix="fmx-storage-bench-") as tmp:
         tmp = Path(tmp)
-        source = harvest_real(args.tokens)
-        phases.done("bf16 store (harvest or cache hit)")
-        stores, result["convert_throughput"] = derive(source, tmp / "cache")
-        phases.done("copy and convert")
-        result["harvest_throughput"] = harvest_rates(
-            args.harvest_tokens, args.harvest_rounds, tmp / "harvest"
-        )
-        phases.done("harvest throughput")
-        result["bytes"] = {d: store_bytes(s) for d, s in stores.items()}
-        base = result["bytes"]["bfloat16"]["bytes_per_token_layer"]
-        for d in QUANTISED:
-            result["bytes"][d]["vs_bf16"] = result["bytes"][d]["bytes_per_token_layer"] / base
-        result["decode"] = decode_rates(stores)
-        phases.done("decode")
-        print(json.dumps({k: result[k] for k in ("bytes", "decode")}, indent=1), flush=True)
-        result |= quality(stores, stores["bfloat16"].read(0, args.error_tokens).numpy())
-        phases.done("added error")
-        trained = train_all(stores, coders(args), args, tmp / "runs")
-        phases.done("train")
-        x = test_activations(stores["bfloat16"])
-        result["downstream_test_fvu"] = per_run(trained, lambda run: test_fvu(run, x))
-        phases.done("test FVU")
-        result |= probe_figures(trained, stores["bfloat16"])
-        phases.done("probe F1")
-        result |= planted(args, tmp)
-        result["complete"] = True
-        result["wall_seconds"] = time.perf_counter() - started
-        result["load_average_end"] = common.load_average()
-        phases.done("planted")
+        if "harvest" in args.parts:
+            result["harvest_throughput"] = harvest_rates(
+                args.harvest_tokens, args.harvest_rounds, tmp / "harvest"
+            )
+            phases.done("harvest throughput")
+        if {"store", "downstream"} & set(args.parts):
+            source = harvest_real(args.tokens)
+            stores, result["convert_throughput"] = derive(source, tmp / "cache")
+            phases.done("bf16 store, copy and convert")
+        if "store" in args.parts:
+            result |= store_part(stores, args)
+            phases.done("bytes, decode, added error")
+        if "downstream" in args.parts:
+            trained = train_all(stores, coders(args), args, tmp / "runs")
+            phases.done("train")
+            x = test_activations(stores["bfloat16"])
+            result["downstream_test_fvu"] = per_run(trained, lambda run: test_fvu(run, x))
+            phases.done("test FVU")
+            result |= probe_figures(trained, stores["bfloat16"])
+            phases.done("probe F1")
+        if "planted" in args.parts:
+            result |= planted(args, tmp)
+            phases.done("planted")
+    result["complete"] = True
+    result["wall_seconds"] = time.perf_counter() - started
+    result["load_average_end"] = common.load_average()
+    phases.done("end")
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
 
 
