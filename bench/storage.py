@@ -1,7 +1,8 @@
 """8-bit stores against bf16, in one run: bytes, harvest, convert and decode speed, added
 error, and what it costs a trained coder (writes ``bench/results/storage-cpu.json``).
 
-    nice python bench/storage.py       # ~15 min on 2 quiet cores, far longer when shared
+    nice python bench/storage.py                    # every part
+    nice python bench/storage.py --parts harvest    # or some: store harvest downstream planted
 
 Real activations: SmolLM2-135M over the packaged Wikipedia summaries, the cpu-large layers
 (10 of 30) and ``--tokens`` tokens (at 65,536 the cpu-large cache itself, reused from the
@@ -137,7 +138,7 @@ def read_rate(store: ActivationStore) -> float:
     return store.n_tokens / (time.perf_counter() - started)
 
 
-def decode_rates(stores: dict, rounds: int = 3) -> dict:
+def decode_rates(stores: dict, rounds: int = 5) -> dict:
     """Rows/s of the loader's CPU decode (whole chunks -> normalised float32, 2 threads),
     the dtypes interleaved round by round so a shared machine's load hits them alike."""
     decoders = {}
@@ -407,11 +408,11 @@ def arguments() -> argparse.Namespace:
     parser.add_argument("--harvest-tokens", type=int, default=1024, help="per harvest round")
     parser.add_argument("--harvest-rounds", type=int, default=2)
     parser.add_argument("--latents", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--planted-steps", type=int, default=64)
+    parser.add_argument("--planted-steps", type=int, default=96)
     parser.add_argument(
         "--parts",
         nargs="+",
