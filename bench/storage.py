@@ -1,16 +1,20 @@
-"""8-bit stores against bf16, in one run: bytes, convert and decode speed, added error, and
-what it costs a trained coder (writes ``bench/results/storage-cpu.json``).
+"""8-bit stores against bf16, in one run: bytes, harvest, convert and decode speed, added
+error, and what it costs a trained coder (writes ``bench/results/storage-cpu.json``).
 
-    python bench/storage.py            # ~10-15 min on 2 shared cores
+    nice python bench/storage.py                    # every part
+    nice python bench/storage.py --parts harvest    # or some: store harvest downstream planted
 
 Real activations: SmolLM2-135M over the packaged Wikipedia summaries, the cpu-large layers
-(10 of 30), ``--tokens`` harvested (cpu-large has 65,536: scaled down to fit a shared
-2-core session; the bf16 store lands in the data dir's cache and is reused). The 8-bit
-stores are ``pipeline convert``-ed from it in a temporary cache root. Downstream: a
-crosscoder and the default fmxcoder (cpu-large's settings, ``--latents`` latents, k 32)
-trained on each store with the same seeds, lr and steps, all evaluated on the bf16 store's
-test split (FVU per layer in raw units, massive tokens excluded as in training). The planted
-cache: a crosscoder per dtype and seed, scored by recovery of the true features (MMCS).
+(10 of 30) and ``--tokens`` tokens (at 65,536 the cpu-large cache itself, reused from the
+data dir's cache when present). The 8-bit stores are ``pipeline convert``-ed from a copy in
+a temporary cache root; a harvest per dtype (same tokens, ``--harvest-tokens`` per round)
+is timed against the bare forward. Downstream: a crosscoder and the default fmxcoder
+(cpu-large's settings but ``--latents`` latents and ``--steps`` steps: scaled down to fit a
+shared 2-core session) trained on each store with the same seeds, lr and steps, all
+evaluated on the bf16 store's test split: FVU per layer in raw units (massive tokens
+excluded as in training) and probe F1 as the evaluate stage computes it. The planted cache:
+a crosscoder per dtype and seed, scored by recovery of the true features (MMCS). Every
+figure is a mean and sample sd over seeds, with the 8-bit difference from bf16.
 """
 
 from __future__ import annotations
@@ -29,20 +33,29 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common
+import harvest as harvest_bench  # bench/harvest.py: the bare forward it times against
 
 from pipeline.api import load_coder
+from pipeline.evaluation.concepts import build_gazetteer
+from pipeline.evaluation.probe_suite import build_tasks, f1_by_k, score_rows
+from pipeline.evaluation.probing import DEFAULT_KS, decoder_norm_weights
 from pipeline.evaluation.recovery import TruthView, planted_truth, raw_decoder, recover
+from pipeline.evaluation.run_metrics import Variant, _FeatureRows, union_layers
+from pipeline.harvest.models import load_model
+from pipeline.harvest.text_sources import load_documents
+from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.store.format import FP8_TABLE, QUANTISED, SCALES_FILE, chunk_files
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
-from pipeline.training.loader import split_rows
+from pipeline.training.loader import ActivationLoader, split_rows
 from pipeline.training.manifest import CoderManifest
 from pipeline.training.readers import ChunkDecoder, Normaliser
 from stages import convert, harvest, train
 
 REPO = Path(__file__).resolve().parent.parent
 DTYPES = ["bfloat16", *QUANTISED]
+PARTS = ("store", "harvest", "downstream", "planted")
 MASSIVE_RATIO = 30.0  # the training default (training.outlier_norm_ratio)
 TOPK32 = {"activation": "topk", "k": 32}
 FMX = {
@@ -57,11 +70,50 @@ FMX = {
 }
 
 
-def harvest_real(tokens: int) -> ActivationStore:
+def cpu_large(tokens: int, seed: int = 0, dtype: str = "bfloat16") -> HarvestManifest:
+    """The cpu-large harvest manifest at ``tokens`` tokens, tokenisation ``seed`` and
+    ``dtype`` (at 65,536 tokens, seed 0, bf16: the cpu-large cache itself)."""
     data = yaml.safe_load((REPO / "manifests/harvest/smollm2-wiki-cpu-large.yaml").read_text())
-    data["tokenization"]["num_tokens"] = tokens
-    data["run"] = {"progress": False}
-    return ActivationStore(harvest.run(HarvestManifest.model_validate(data)).path)
+    data["tokenization"].update(num_tokens=tokens, seed=seed)
+    data["storage"]["dtype"] = dtype
+    data["run"]["progress"] = False
+    return HarvestManifest.model_validate(data)
+
+
+def harvest_real(tokens: int) -> ActivationStore:
+    return ActivationStore(harvest.run(cpu_large(tokens)).path)
+
+
+def harvest_rates(tokens: int, rounds: int, root: Path) -> dict:
+    """Harvest tokens/s of each dtype against the model's bare forward on the same tokens
+    (``bench/harvest.py``'s: same hooks, batches and early stop, nothing stored), in rounds:
+    the bare forward over a round's windows, then a harvest of them per dtype (a fresh
+    tokenisation seed per round), so all see the same load on a shared machine."""
+    first = cpu_large(tokens)
+    model = load_model(first.model, "cpu")
+    hooks, batch = model.hook_names(first.hooks), first.run.batch_size
+    documents = load_documents(first.text)
+    bare: list[float] = []
+    rates: dict[str, list[float]] = {dtype: [] for dtype in DTYPES}
+    for r in range(rounds):
+        tokenization = cpu_large(tokens, seed=100 + r).tokenization
+        windows = build_windows(documents, model.tokenizer, tokenization).token_ids
+        if r == 0:  # warm-up batch, untimed
+            harvest_bench.bare_forward_seconds(model, windows[:batch], hooks, batch, DTYPES[0])
+        seconds = harvest_bench.bare_forward_seconds(model, windows, hooks, batch, DTYPES[0])
+        bare.append(tokens / seconds)
+        for dtype in DTYPES:
+            result = harvest.run(cpu_large(tokens, 100 + r, dtype), root)
+            rates[dtype].append(float(result.tokens_per_second))
+    out: dict = {"tokens_per_round": tokens, "rounds": rounds, "bare_forward_tokens_per_s": bare}
+    for dtype, values in rates.items():
+        ratios = np.array(values) / np.array(bare)
+        out[dtype] = {
+            "tokens_per_s": values,
+            "vs_bare_forward_per_round": ratios.tolist(),
+            "vs_bare_forward_median": float(np.median(ratios)),
+        }
+    return out
 
 
 def store_bytes(store: ActivationStore) -> dict:
@@ -192,20 +244,98 @@ def train_variant(
     return result.run_dir
 
 
-def test_fvu(run_dir: Path, reference: ActivationStore) -> float:
-    """Mean over layers of the raw-unit FVU on the reference store's test split (massive
-    tokens excluded, as training excludes them)."""
-    coder = load_coder(run_dir)
+def test_activations(reference: ActivationStore) -> torch.Tensor:
+    """Raw ``[n, L, d]`` of the reference store's test split, massive tokens excluded as
+    training excludes them (read once, chunk by chunk, for every run's FVU)."""
     rows = split_rows(
         reference, "test", exclude=excluded_rows(outlier_scan(reference, MASSIVE_RATIO))
     )
-    x = reference.read(0, reference.n_tokens)[torch.from_numpy(rows)]
+    parts = []
+    for chunk in range(reference.n_chunks):
+        start, stop = reference.chunk_rows(chunk)
+        here = rows[(rows >= start) & (rows < stop)] - start
+        if here.size:
+            parts.append(reference.read(start, stop)[torch.from_numpy(here)])
+    return torch.cat(parts)
+
+
+def test_fvu(run_dir: Path, x: torch.Tensor) -> float:
+    """Mean over layers of the raw-unit FVU on test activations ``x``."""
+    coder = load_coder(run_dir)
     residual = torch.zeros(x.shape[1], dtype=torch.float64)
     for start in range(0, x.shape[0], 2048):
         batch = x[start : start + 2048]
         residual += ((coder(batch) - batch).double() ** 2).sum((0, 2))
     variance = ((x - x.mean(0)).double() ** 2).sum((0, 2))
     return float((residual / variance).mean())
+
+
+def run_variant(run_dir: Path, name: str) -> Variant:
+    """A trained run as the evaluation pass takes it, normalised as it was trained (its own
+    store's statistics, from the run's record) whichever store it then reads."""
+    raw = load_coder(run_dir)
+    record = raw.record
+    normaliser = Normaliser(record.mean, record.scale, record.centre)
+    return Variant(
+        name,
+        name,
+        run_dir,
+        raw.coder,
+        list(record.layers),
+        normaliser,
+        0,
+        raw.config.kind,
+        outlier_ratio=MASSIVE_RATIO,
+    )
+
+
+def probe_features(loader: ActivationLoader, variants: list[Variant], probe) -> dict:
+    """Each variant's probing features, gathered as the evaluation pass gathers them (codes
+    with decoder norms folded in, the probes' token rows and per-document means), without
+    the pass's other accumulators (its coherence ablation alone is L + 1 encodes)."""
+    gathered = {v.name: _FeatureRows(probe) for v in variants}
+    folds = {v.name: decoder_norm_weights(v.coder, v.scale) for v in variants}
+    with torch.no_grad():
+        for rows, raw in loader.raw_batches():
+            for v in variants:
+                f = v.coder.encode(v.normalise(raw))
+                gathered[v.name].update(rows, f * folds[v.name].to(f), as_sparse=True)
+    return gathered
+
+
+def probe_f1(runs: dict[str, list[Path]], reference: ActivationStore) -> dict[str, dict]:
+    """Per run label and seed: probe F1 as the evaluate stage computes it on the reference
+    store's test split (its tasks, ks, probe seed and ``score_rows``), averaged over
+    concepts and k, for the token and the sequence tasks."""
+    variants = [
+        run_variant(run, f"{label}#{seed}")
+        for label, dirs in runs.items()
+        for seed, run in enumerate(dirs)
+    ]
+    union = union_layers(variants)
+    loader = ActivationLoader(
+        reference,
+        batch_size=1024,
+        layers=union,
+        split="test",
+        mode="stream",
+        outlier_ratio=MASSIVE_RATIO,
+    )
+    tasks = build_tasks(reference.tokens(), reference.documents(), loader.rows, build_gazetteer())
+    gathered = probe_features(loader, variants, tasks.rows())
+    loader.close()
+    out: dict[str, dict] = {label: {"token": [], "sequence": []} for label in runs}
+    for name, features in gathered.items():
+        token_x, token_index = features.tokens()
+        rows = score_rows(name, "token", token_x, token_index, tasks.token, DEFAULT_KS, 0)
+        rows += score_rows(
+            name, "sequence", features.doc_means(), tasks.doc_ids, tasks.sequence, DEFAULT_KS, 0
+        )
+        for task in ("token", "sequence"):
+            by_k = f1_by_k(rows, name, task)  # empty when no task of the kind is usable
+            out[name.split("#")[0]][task].append(float(np.mean([*by_k.values()] or [np.nan])))
+    out["tasks"] = {"token": len(tasks.token), "sequence": len(tasks.sequence)}
+    return out
 
 
 def recovery(run_dir: Path, store: ActivationStore) -> float:
@@ -217,7 +347,22 @@ def recovery(run_dir: Path, store: ActivationStore) -> float:
 
 
 def spread(values: list[float]) -> dict:
-    return {"values": values, "mean": float(np.mean(values)), "std": float(np.std(values))}
+    """Mean and sample sd (ddof 1) over seeds."""
+    return {"values": values, "mean": float(np.mean(values)), "sd": float(np.std(values, ddof=1))}
+
+
+def against_bf16(out: dict[str, dict]) -> dict[str, dict]:
+    """Adds to each 8-bit entry ``coder/dtype`` its difference from ``coder/bfloat16``
+    (absolute and relative) and whether it lies within the bf16 runs' seed sd."""
+    for label, entry in out.items():
+        coder, dtype = label.split("/")
+        if dtype in QUANTISED:
+            base = out[f"{coder}/bfloat16"]
+            difference = entry["mean"] - base["mean"]
+            entry["difference_from_bf16"] = difference
+            entry["relative_to_bf16"] = difference / base["mean"]
+            entry["within_bf16_seed_sd"] = bool(abs(difference) <= base["sd"])
+    return out
 
 
 def derive(source: ActivationStore, root: Path) -> tuple[dict, dict]:
@@ -238,104 +383,187 @@ def derive(source: ActivationStore, root: Path) -> tuple[dict, dict]:
     return stores, timing
 
 
-def downstream(stores: dict, coders: dict, args, runs: Path, measure) -> dict:
+def train_all(stores: dict, coders: dict, args, runs: Path) -> dict[str, list[Path]]:
+    """Every coder on every store, same seeds, lr and steps: ``{coder/dtype: [run dirs]}``."""
     out = {}
     for coder_name, coder in coders.items():
         for dtype, store in stores.items():
-            values = []
-            for seed in args.seeds:
-                run_dir = train_variant(store, coder, seed, args, runs, f"{coder_name}-{dtype}")
-                values.append(measure(run_dir))
-            out[f"{coder_name}/{dtype}"] = spread(values)
-            print(f"  {coder_name} {dtype}: {out[f'{coder_name}/{dtype}']}", flush=True)
-        base = out[f"{coder_name}/bfloat16"]["mean"]
-        for dtype in QUANTISED:
-            entry = out[f"{coder_name}/{dtype}"]
-            entry["relative_to_bf16"] = (entry["mean"] - base) / base
+            out[f"{coder_name}/{dtype}"] = [
+                train_variant(store, coder, seed, args, runs, f"{coder_name}-{dtype}")
+                for seed in args.seeds
+            ]
+            print(f"  trained {coder_name} on {dtype}", flush=True)
     return out
 
 
-def main() -> None:
+def per_run(runs: dict[str, list[Path]], measure) -> dict[str, dict]:
+    """``measure`` of every run, spread over seeds, against bf16."""
+    return against_bf16({label: spread([measure(r) for r in dirs]) for label, dirs in runs.items()})
+
+
+def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--tokens", type=int, default=16384, help="store (cpu-large: 65536)")
+    parser.add_argument("--error-tokens", type=int, default=16384, help="rows for added error")
+    parser.add_argument("--harvest-tokens", type=int, default=1024, help="per harvest round")
+    parser.add_argument("--harvest-rounds", type=int, default=2)
     parser.add_argument("--latents", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--batch", type=int, default=512)
     parser.add_argument("--lr", type=float, default=0.001)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--planted-steps", type=int, default=96)
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="what to measure (store: bytes, convert, decode, added error)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (0: default; 1: see bench/harvest.py)"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/storage-cpu.json")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def recipe(args: argparse.Namespace) -> dict:
+    return {
+        "store": f"smollm2-wiki-cpu-large.yaml at {args.tokens} tokens (cpu-large: 65536); "
+        f"added error on its first {args.error_tokens}",
+        "harvest": f"{args.harvest_rounds} rounds of {args.harvest_tokens} tokens: bare "
+        "forward (bench/harvest.py's), then a harvest per dtype of the same tokens",
+        "coders": f"crosscoder and default fmxcoder, {args.latents} latents, k 32 "
+        f"(cpu-large: 1024), {args.steps} steps x {args.batch} tokens (cpu-large: 512 "
+        f"steps), lr {args.lr}, seeds {args.seeds}, massive tokens (>{MASSIVE_RATIO:g}x "
+        "median) dropped; scaled down to fit a shared 2-core session",
+        "evaluation": "all on the bf16 store's test split: raw-unit FVU per layer, mean over "
+        "layers; probe F1 as the evaluate stage computes it (pipeline.evaluation.probe_suite, "
+        f"ks {list(DEFAULT_KS)}), mean over concepts and k per run; spread: mean and sample "
+        "sd (ddof 1) over seeds; within_bf16_seed_sd: |8-bit mean - bf16 mean| <= bf16 sd",
+        "planted": f"manifests/harvest/planted.yaml, crosscoder 256 latents k 8, "
+        f"{args.planted_steps} steps x {args.batch}; measure: mean MMCS of true features",
+    }
+
+
+def quality(stores: dict, x: np.ndarray) -> dict:
+    """Added error per 8-bit dtype (massive tokens apart), and per scale granularity."""
+    massive = massive_mask(x)
+    n = x.shape[0]
+    return {
+        "massive_tokens_per_layer": massive.sum(0).tolist(),
+        "added_error": {
+            d: added_error(x, stores[d].read(0, n).numpy(), massive) for d in QUANTISED
+        },
+        "granularity": granularity_study(x, massive),
+    }
+
+
+def coders(args: argparse.Namespace) -> dict[str, dict]:
+    return {
+        "crosscoder": {"kind": "crosscoder", "n_latents": args.latents, **TOPK32},
+        "fmxcoder": {**FMX, "n_latents": args.latents},
+    }
+
+
+def probe_figures(trained: dict[str, list[Path]], reference: ActivationStore) -> dict:
+    """Probe F1 of every run on the reference test split, spread over seeds, vs bf16."""
+    probes = probe_f1(trained, reference)
+    tasks = probes.pop("tasks")
+    figures = {
+        task: against_bf16({label: spread(v[task]) for label, v in probes.items()})
+        for task in ("token", "sequence")
+        if tasks[task]
+    }
+    return {"probe_tasks": tasks, "downstream_probe_f1": figures}
+
+
+def planted(args: argparse.Namespace, tmp: Path) -> dict:
+    """A small crosscoder per planted store and seed, scored by recovery of the truth."""
+    data = yaml.safe_load((REPO / "manifests/harvest/planted.yaml").read_text())
+    source = harvest.run(HarvestManifest.model_validate(data), tmp / "planted-src")
+    stores, throughput = derive(ActivationStore(source.path), tmp / "planted")
+    small = {"crosscoder": {"kind": "crosscoder", "n_latents": 256, "activation": "topk", "k": 8}}
+    planted_args = argparse.Namespace(**{**vars(args), "steps": args.planted_steps})
+    trained = train_all(stores, small, planted_args, tmp / "planted-runs")
+    truth = stores["bfloat16"]
+    return {
+        "planted_convert_throughput": throughput,
+        "planted_recovery_mmcs": per_run(trained, lambda run: recovery(run, truth)),
+    }
+
+
+class Phases:
+    """Wall seconds and load average per phase (a shared machine's figures need them); the
+    figures so far are written after each phase, marked incomplete until the last."""
+
+    def __init__(self, result: dict, out: Path) -> None:
+        self.result, self.out = result, out
+        self.result["phases"] = {}
+        self.last = time.perf_counter()
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        self.result["phases"][name] = {"seconds": seconds, "load_average": common.load_average()}
+        print(f"{name}: {seconds:.0f} s", flush=True)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.out.write_text(json.dumps(self.result, indent=1) + "\n")
+
+
+def store_part(stores: dict, args: argparse.Namespace) -> dict:
+    """Bytes, decode speed and added error of each dtype's store."""
+    out: dict = {"bytes": {d: store_bytes(s) for d, s in stores.items()}}
+    base = out["bytes"]["bfloat16"]["bytes_per_token_layer"]
+    for d in QUANTISED:
+        out["bytes"][d]["vs_bf16"] = out["bytes"][d]["bytes_per_token_layer"] / base
+    out["decode"] = decode_rates(stores)
+    print(json.dumps(out, indent=1), flush=True)
+    return out | quality(stores, stores["bfloat16"].read(0, args.error_tokens).numpy())
+
+
+def main() -> None:
+    args = arguments()
+    if args.threads:  # one thread: a shared CPU stalls torch's OpenMP team at every barrier
+        torch.set_num_threads(args.threads)
     started = time.perf_counter()
     result: dict = {
+        "complete": False,
+        "parts": args.parts,
         "device": common.device_name(torch.device("cpu")),
         "load_average_start": common.load_average(),
-        "recipe": {
-            "store": f"smollm2-wiki-cpu-large.yaml at {args.tokens} tokens (cpu-large: 65536)",
-            "coders": f"crosscoder and default fmxcoder, {args.latents} latents, k 32 "
-            f"(cpu-large: 1024), {args.steps} steps x {args.batch} tokens, lr {args.lr}, "
-            f"seeds {args.seeds}, massive tokens (>{MASSIVE_RATIO:g}x median) dropped",
-            "evaluation": "raw-unit FVU per layer, mean over layers, bf16 store's test split",
-            "planted": f"manifests/harvest/planted.yaml, crosscoder 256 latents k 8, "
-            f"{args.planted_steps} steps x {args.batch}; measure: mean MMCS of true features",
-            "not_measured": "probe F1; direct 8-bit harvest throughput (= bf16 harvest + the "
-            "quantise/write cost that convert times)",
-        },
+        "recipe": recipe(args),
     }
+    phases = Phases(result, args.out)
     with tempfile.TemporaryDirectory(prefix="fmx-storage-bench-") as tmp:
         tmp = Path(tmp)
-        t0 = time.perf_counter()
-        source = harvest_real(args.tokens)
-        result["harvest_bf16_seconds_or_cache_hit"] = time.perf_counter() - t0
-        stores, result["throughput"] = derive(source, tmp / "cache")
-        result["bytes"] = {d: store_bytes(s) for d, s in stores.items()}
-        base = result["bytes"]["bfloat16"]["bytes_per_token_layer"]
-        for d in QUANTISED:
-            result["bytes"][d]["vs_bf16"] = result["bytes"][d]["bytes_per_token_layer"] / base
-        result["decode"] = decode_rates(stores)
-        x = stores["bfloat16"].read(0, source.n_tokens).numpy()
-        massive = massive_mask(x)
-        result["massive_tokens_per_layer"] = massive.sum(0).tolist()
-        result["added_error"] = {
-            d: added_error(x, stores[d].read(0, source.n_tokens).numpy(), massive)
-            for d in QUANTISED
-        }
-        result["granularity"] = granularity_study(x, massive)
-        del x
-        print(json.dumps({k: result[k] for k in ("bytes", "throughput")}, indent=1), flush=True)
-        coders = {
-            "crosscoder": {
-                "kind": "crosscoder",
-                "n_latents": args.latents,
-                "activation": "topk",
-                "k": 32,
-            },
-            "fmxcoder": {**FMX, "n_latents": args.latents},
-        }
-        reference = stores["bfloat16"]
-        result["downstream_test_fvu"] = downstream(
-            stores, coders, args, tmp / "runs", lambda run: test_fvu(run, reference)
-        )
-        planted_data = yaml.safe_load((REPO / "manifests/harvest/planted.yaml").read_text())
-        planted = ActivationStore(
-            harvest.run(HarvestManifest.model_validate(planted_data), tmp / "planted-src").path
-        )
-        planted_stores, result["planted_throughput"] = derive(planted, tmp / "planted")
-        small = {
-            "crosscoder": {"kind": "crosscoder", "n_latents": 256, "activation": "topk", "k": 8}
-        }
-        planted_args = argparse.Namespace(**{**vars(args), "steps": args.planted_steps})
-        result["planted_recovery_mmcs"] = downstream(
-            planted_stores,
-            small,
-            planted_args,
-            tmp / "planted-runs",
-            lambda run: recovery(run, planted_stores["bfloat16"]),
-        )
+        if "harvest" in args.parts:
+            result["harvest_throughput"] = harvest_rates(
+                args.harvest_tokens, args.harvest_rounds, tmp / "harvest"
+            )
+            phases.done("harvest throughput")
+        if {"store", "downstream"} & set(args.parts):
+            source = harvest_real(args.tokens)
+            stores, result["convert_throughput"] = derive(source, tmp / "cache")
+            phases.done("bf16 store, copy and convert")
+        if "store" in args.parts:
+            result |= store_part(stores, args)
+            phases.done("bytes, decode, added error")
+        if "downstream" in args.parts:
+            trained = train_all(stores, coders(args), args, tmp / "runs")
+            phases.done("train")
+            x = test_activations(stores["bfloat16"])
+            result["downstream_test_fvu"] = per_run(trained, lambda run: test_fvu(run, x))
+            phases.done("test FVU")
+            result |= probe_figures(trained, stores["bfloat16"])
+            phases.done("probe F1")
+        if "planted" in args.parts:
+            result |= planted(args, tmp)
+            phases.done("planted")
+    result["complete"] = True
     result["wall_seconds"] = time.perf_counter() - started
     result["load_average_end"] = common.load_average()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    phases.done("end")
     print(f"wrote {args.out} in {result['wall_seconds']:.0f} s")
 
 
