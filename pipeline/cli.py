@@ -555,7 +555,9 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
     """Write a trained run in another library's format, normalisation folded in.
 
     RUN is a run directory, a checkpoint directory, or a run's name or hash prefix.
-    The exported dictionary takes raw activations (no cache needed to use it).
+    The exported dictionary takes raw activations (no cache needed to use it). A TopK
+    crosscoder's dictionary_learning export reads its cache's training split once, to set
+    the threshold at which the library's forward fires k latents per token.
 
     \b
     Example:
