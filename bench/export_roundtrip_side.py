@@ -1,8 +1,9 @@
 """The SAELens (and dictionary_learning) side of bench/export_roundtrip.py.
 
 Runs in SAELens's own venv (``.bench-venv-saelens``), never ours: loads each exported
-folder with the real library, runs its forward on the raw inputs the main script saved,
-and writes the reconstructions to ``<work>/theirs/<name>.safetensors``.
+folder with the real library, runs the calls docs/export.md documents (as written there:
+tests/test_export.py checks) on the raw inputs the main script saved, and writes the
+reconstructions to ``<work>/theirs/<name>.safetensors``.
 
     python bench/export_roundtrip_side.py WORK [--dictionary-learning-src DIR]
 """
@@ -36,27 +37,41 @@ def dictionary_learning_module(src: Path):
 
 
 def saelens_outputs(folder: Path, hooks: list[str], x: torch.Tensor) -> torch.Tensor:
+    """docs/export.md's SAELens call, as written there, on each layer's raw activations."""
     from sae_lens import SAE
 
     outs = []
     for layer, hook in enumerate(hooks):
         sae = SAE.load_from_disk(folder / hook, device="cpu")
+        resid = x[:, layer]
         with torch.no_grad():
-            outs.append(sae(x[:, layer]))
+            recon = sae(resid)
+        outs.append(recon)
     return torch.stack(outs, 1)
 
 
-def dictionary_learning_outputs(dl, folder: Path, x: torch.Tensor) -> tuple[torch.Tensor, str]:
+def dictionary_learning_outputs(dl, folder: Path, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """docs/export.md's dictionary_learning calls, as written there: ``cc(x)`` for every
+    export (with the codes it keeps, for its L0), and for TopK exports also the per-token
+    ``encode(use_threshold=False)`` loop (exact per-token TopK)."""
     provenance = json.loads((folder / "fmxcoders.json").read_text())
-    cls = getattr(dl, provenance["class"])
-    model = cls.from_pretrained(str(folder), from_hub=True).eval()
+    cc = getattr(dl, provenance["class"]).from_pretrained(str(folder), from_hub=True)
+    out = {}
     with torch.no_grad():
-        if provenance["per_token_topk"]:  # BatchTopK over one token is per-token TopK
-            rows = [
-                model.decode(model.encode(x[i : i + 1], use_threshold=False)) for i in range(len(x))
-            ]
-            return torch.cat(rows), f"{provenance['class']}.encode(use_threshold=False) per token"
-        return model(x), f"{provenance['class']}.forward"
+        recon = cc(x)
+        out["y"], out["l0"] = recon, (cc.encode(x) > 0).sum(-1).float()
+        if provenance["per_token_topk"]:
+            recon = torch.cat([cc.decode(cc.encode(t[None], use_threshold=False)) for t in x])
+            out["y_per_token_topk"] = recon
+    return out
+
+
+CALLS = {
+    "saelens": "sae = SAE.load_from_disk(folder); recon = sae(resid)",
+    "forward": "cc = {cls}.from_pretrained(folder, from_hub=True); recon = cc(x)",
+    "per_token_topk": "recon = torch.cat([cc.decode(cc.encode(t[None], "
+    "use_threshold=False)) for t in x])",
+}
 
 
 def main() -> None:
@@ -77,15 +92,17 @@ def main() -> None:
     for name, entry in plan.items():
         folder = Path(entry["folder"])
         if entry["format"] == "saelens":
-            y, how = (
-                saelens_outputs(folder, entry["hooks"], x),
-                "sae_lens.SAE.load_from_disk + forward",
-            )
+            outputs = {"y": saelens_outputs(folder, entry["hooks"], x)}
+            how = [CALLS["saelens"]]
         elif dl is not None:
-            y, how = dictionary_learning_outputs(dl, folder, x)
+            outputs = dictionary_learning_outputs(dl, folder, x)
+            cls = json.loads((folder / "fmxcoders.json").read_text())["class"]
+            how = [CALLS["forward"].format(cls=cls)]
+            how += [CALLS["per_token_topk"]] if "y_per_token_topk" in outputs else []
         else:
             continue
-        save_file({"y": y.contiguous()}, str(out / f"{name}.safetensors"))
+        tensors = {key: value.contiguous() for key, value in outputs.items()}
+        save_file(tensors, str(out / f"{name}.safetensors"))
         report["runs"][name] = how
         print(f"{name}: {how}", flush=True)
     (args.work / "side.json").write_text(json.dumps(report, indent=2))

@@ -289,19 +289,16 @@ def show(key: str, cache_root: Path | None, verify: bool) -> None:
     Example:
       pipeline show 8cdf9041252243f5 --verify
     """
-    from pipeline.store.catalog import find_store, model_facts, shown_manifest
+    from pipeline.store.catalog import find_record, find_store, model_facts, shown_manifest
 
-    store = find_store(key, cache_root, verify=verify)
+    # --verify decodes every chunk (torch, zarr); otherwise the checked record suffices
+    store = find_store(key, cache_root, verify=True) if verify else find_record(key, cache_root)
     click.echo(json.dumps(shown_manifest(store.manifest), indent=2))
     click.echo(f"\n{model_facts(store.manifest)}")
-    stats = store.stats
     click.echo(f"\ntokens {store.n_tokens}  d_model {store.d_model}  dtype {store.dtype}")
     click.echo(f"{'hook':<28}{'mean norm':>12}{'rms norm':>12}{'|mean|':>10}")
-    for j, name in enumerate(store.hook_names):
-        click.echo(
-            f"{name:<28}{stats['mean_norm'][j]:>12.3f}{stats['rms_norm'][j]:>12.3f}"
-            f"{stats['mean'][j].norm():>10.3f}"
-        )
+    for name, mean_norm, rms_norm, mean in store.hook_statistics():
+        click.echo(f"{name:<28}{mean_norm:>12.3f}{rms_norm:>12.3f}{mean:>10.3f}")
     if verify:
         click.echo("verified: every file and chunk matches its checksum")
 
@@ -558,7 +555,9 @@ def export(run: str, out: Path, fmt: str, runs_root: Path | None, cache_root: Pa
     """Write a trained run in another library's format, normalisation folded in.
 
     RUN is a run directory, a checkpoint directory, or a run's name or hash prefix.
-    The exported dictionary takes raw activations (no cache needed to use it).
+    The exported dictionary takes raw activations (no cache needed to use it). A TopK
+    crosscoder's dictionary_learning export reads its cache's training split once, to set
+    the threshold at which the library's forward fires k latents per token.
 
     \b
     Example:
@@ -648,16 +647,17 @@ def spectrum(
       pipeline spectrum manifests/harvest/smollm2-wiki-cpu-large.yaml --layers all
       pipeline spectrum 8cdf9041 --cp-ranks 256,1024,2560 --json
     """
-    from pipeline.evaluation import spectrum as sp
-
-    store = _open_spectrum_cache(cache, cache_root)
-    chosen = sp.store_layers(store, "all" if layers == "all" else _parse_ints(layers, "--layers"))
-    if 0 < outlier_ratio <= 1:
+    if 0 < outlier_ratio <= 1:  # the option checks first: opening a store imports torch
         raise click.BadParameter(
             "must be above 1 (or 0 to keep every token)", param_hint="--outlier-ratio"
         )
     ratio = outlier_ratio or None
     ranks = _parse_ints(cp_ranks, "--cp-ranks") if cp_ranks else None
+    picked = "all" if layers == "all" else _parse_ints(layers, "--layers")
+    from pipeline.evaluation import spectrum as sp
+
+    store = _open_spectrum_cache(cache, cache_root)
+    chosen = sp.store_layers(store, picked)
     if ranks and len(chosen) * store.d_model > sp.CP_MAX_DIM:  # before the first pass
         raise click.BadParameter(
             f"the cp floor needs L*d <= {sp.CP_MAX_DIM}; {len(chosen)} layers x d_model "

@@ -123,22 +123,42 @@ def _cli_in_fresh_process(*commands: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
-def test_ls_and_runs_answer_without_torch_and_runs_shows_whole_names(
+def test_ls_runs_and_show_answer_without_torch_and_runs_shows_whole_names(
     tiny_cache_root, tmp_path
 ) -> None:
     spec = manifest(tiny_cache_root, tmp_path / "runs", progress=False).model_copy(
         update={"name": LONG_NAME}
     )
     train.run([(spec, tmp_path)])
-    runs = ["runs", "--runs-root", str(tmp_path / "runs")]
-    done = _cli_in_fresh_process(["ls", "--cache-root", str(tiny_cache_root)], runs)
+    key = next(p.name for p in tiny_cache_root.iterdir() if p.is_dir())
+    done = _cli_in_fresh_process(
+        ["ls", "--cache-root", str(tiny_cache_root)],
+        ["runs", "--runs-root", str(tmp_path / "runs")],
+        ["show", key[:8], "--cache-root", str(tiny_cache_root)],
+    )
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert lines[-1] == "TORCH False", done.stdout
-    key = next(p.name for p in tiny_cache_root.iterdir() if p.is_dir())
     assert any(line.startswith(key) and "complete" in line for line in lines)
     (row,) = [line for line in lines if line.startswith(LONG_NAME + " ")]
     assert row.split()[-1] == "complete"
+    assert any(line.startswith("blocks.3.hook_resid_post ") for line in lines), "show printed"
+
+
+def test_show_without_torch_prints_the_stores_statistics(tiny_store) -> None:
+    """The torch-free record ``show`` opens gives the reader's statistics and width."""
+    from pipeline.store.catalog import find_record, find_store
+
+    record, store = (
+        find_record(tiny_store.name, tiny_store.parent),
+        find_store(tiny_store.name, tiny_store.parent),
+    )
+    assert record.d_model == store.d_model and record.hook_names == store.hook_names
+    for j, (name, mean_norm, rms_norm, mean) in enumerate(record.hook_statistics()):
+        assert name == store.hook_names[j]
+        assert mean_norm == float(store.stats["mean_norm"][j])
+        assert rms_norm == float(store.stats["rms_norm"][j])
+        assert mean == pytest.approx(float(store.stats["mean"][j].norm()), rel=1e-6)
 
 
 REAL_RECORD = {  # the shape `pipeline/harvest/blocks.py` writes, for a packaged model

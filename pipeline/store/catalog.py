@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.paths import StorePaths, default_cache_root, incomplete_store_dir, store_dir
+from pipeline.store.record import StoreError, StoreRecord, tree_bytes
 
 if TYPE_CHECKING:
     from pipeline.store.reader import ActivationStore
 
-# `pipeline ls` and `pipeline runs` read JSON and file sizes only: the reader (and with it
-# torch) is imported by the functions that open a store, so they answer at once.
+# `pipeline ls`, `runs` and `show` read JSON, small files and file sizes only: the reader
+# (and with it torch and zarr) is imported by find_store alone, so they answer at once.
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def _summary(root: Path, key: str, status: str) -> StoreSummary:
         layers = len(json.loads(paths.completion.read_text())["hooks"])
     elif paths.activations.is_dir():
         layers = sum(1 for p in paths.activations.iterdir() if p.is_dir())
-    size = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())  # no torch import
+    size = tree_bytes(root)
     return StoreSummary(key, status, tokens, layers, size / 1e6, _describe_model(manifest))
 
 
@@ -96,8 +97,20 @@ def list_stores(cache_root: Path | None = None) -> list[StoreSummary]:
 
 def find_store(key: str, cache_root: Path | None = None, verify: bool = False) -> ActivationStore:
     """Open a finished store by key (a unique prefix is enough)."""
-    from pipeline.store.reader import ActivationStore, StoreError
+    from pipeline.store.reader import ActivationStore
 
+    return ActivationStore(finished_store_dir(key, cache_root), verify=verify)
+
+
+def find_record(key: str, cache_root: Path | None = None) -> StoreRecord:
+    """A finished store's checked record, manifest and statistics by key, without opening
+    its arrays (torch-free: ``pipeline show``)."""
+    return StoreRecord(finished_store_dir(key, cache_root))
+
+
+def finished_store_dir(key: str, cache_root: Path | None = None) -> Path:
+    """The directory of the finished store ``key`` names (a unique prefix is enough); a
+    missing, ambiguous, incomplete or unsealed one is a one-line ``StoreError``."""
     root = Path(cache_root) if cache_root else default_cache_root()
     candidates = [p for p in root.glob(f"{key}*") if p.is_dir()] if root.is_dir() else []
     finished = [p for p in candidates if not p.name.endswith((".incomplete", ".damaged"))]
@@ -115,7 +128,7 @@ def find_store(key: str, cache_root: Path | None = None, verify: bool = False) -
     found = store_dir(root, finished[0].name)
     if not StorePaths(found).completion.is_file():
         raise StoreError(f"{found}: {_no_completion_remedy(found)}")
-    return ActivationStore(found, verify=verify)
+    return found
 
 
 def _no_completion_remedy(store: Path) -> str:

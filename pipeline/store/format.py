@@ -34,6 +34,10 @@ import numpy as np
 import torch
 
 from pipeline.manifests.harvest import StorageSpec
+from pipeline.store.record import chunk_files as chunk_files  # moved (torch-free); re-exported
+from pipeline.store.record import file_crc32c
+from pipeline.store.record import record_crc32c as record_crc32c
+from pipeline.store.record import tree_bytes as tree_bytes
 
 NUMPY_STORAGE = {
     "bfloat16": np.uint16,
@@ -225,36 +229,10 @@ def atomic_write_json(path: Path, value: object) -> None:
     atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
 
 
-def tree_bytes(root: Path) -> int:
-    """Bytes in every file under ``root``."""
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())
-
-
-def chunk_files(array_dir: Path) -> dict[str, int]:
-    """Chunk file name (relative to the array) -> size in bytes."""
-    chunks = array_dir / "c"
-    if not chunks.is_dir():
-        return {}
-    return {
-        str(p.relative_to(array_dir)): p.stat().st_size for p in chunks.rglob("*") if p.is_file()
-    }
-
-
 def atomic_write_parquet(path: Path, table) -> None:
     import pyarrow.parquet as pq
 
     atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
-
-
-def file_crc32c(path: Path, block: int = 1 << 22) -> int:
-    """crc32c of a whole file, streamed (hardware crc32c runs at GB/s: cheap on open)."""
-    import crc32c
-
-    value = 0
-    with open(path, "rb") as handle:
-        while chunk := handle.read(block):
-            value = crc32c.crc32c(chunk, value)
-    return value
 
 
 def is_chunk_file(relative: Path) -> bool:
@@ -312,10 +290,3 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + b"".join(blobs)
-
-
-def record_crc32c(record: dict) -> int:
-    """crc32c of a record's canonical JSON: ``complete.json`` checks itself with it."""
-    import crc32c
-
-    return crc32c.crc32c(json.dumps(record, sort_keys=True, separators=(",", ":")).encode())

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
@@ -16,44 +15,23 @@ import torch
 import zarr
 from safetensors.torch import load_file
 
-from pipeline.paths import StorePaths
 from pipeline.store.format import (
     SCALES_FILE,
-    chunk_files,
     dequantise,
-    file_crc32c,
     from_storage_numpy,
     is_quantised,
     pack,
-    record_crc32c,
-    tree_bytes,
 )
+from pipeline.store.record import StoreError as StoreError  # raised here; callers import it
+from pipeline.store.record import StoreRecord
 
 
-class StoreError(RuntimeError):
-    """A store that is missing, incomplete or corrupted; the message names the file."""
-
-
-class ActivationStore:
-    """One harvested cache: ``[n_tokens, d_model]`` per hook plus token/document tables."""
+class ActivationStore(StoreRecord):
+    """One harvested cache: ``[n_tokens, d_model]`` per hook plus token/document tables;
+    the record, its checks and the manifest are ``StoreRecord``'s (torch-free)."""
 
     def __init__(self, root: str | Path, verify: bool = False) -> None:
-        self.paths = StorePaths(Path(root))
-        completion = self.paths.completion
-        if not completion.is_file():
-            raise StoreError(f"{self.paths.root}: not a finished store (no {completion.name})")
-        try:
-            self.record = json.loads(completion.read_text())
-            saved = self.record.pop("record_crc32c", None)  # absent in older stores
-            if saved is not None and saved != record_crc32c(self.record):
-                raise ValueError("checksum mismatch (the record changed since harvest)")
-            self.hook_names: list[str] = self.record["hooks"]
-            self.n_tokens: int = self.record["n_tokens"]
-            self.chunk_tokens: int = self.record["chunk_tokens"]
-            self.dtype: str = self.record["storage"]["dtype"]
-        except (ValueError, KeyError, TypeError, AttributeError) as err:
-            raise self.damaged(completion, f"unreadable ({err})") from None
-        self._check_files(checksums=False)
+        super().__init__(root)
         try:
             group = zarr.open_group(self.paths.activations, mode="r", zarr_format=3)
             self.arrays = [group[name] for name in self.hook_names]
@@ -93,47 +71,6 @@ class ActivationStore:
         except (OSError, ValueError, KeyError, TypeError) as err:
             raise self.damaged(path, f"unreadable ({err})") from None
 
-    def damaged(self, path: Path, problem: str) -> StoreError:
-        """One line: the file, what is wrong, and the commands that rebuild the store."""
-        rebuild = "pipeline harvest <its harvest manifest>"
-        with contextlib.suppress(OSError, ValueError, AttributeError, KeyError, TypeError):
-            stored = json.loads(self.paths.manifest.read_text())
-            if stored.get("converted_from"):  # stages/convert.py derived it
-                dtype = stored["manifest"]["storage"]["dtype"]
-                rebuild = f"pipeline convert {stored['converted_from']} --dtype {dtype}"
-            elif stored.get("source"):
-                rebuild = f"pipeline harvest {stored['source']}"
-        return StoreError(
-            f"{path}: {problem}; the store is damaged: delete it and re-harvest "
-            f"(rm -rf {self.paths.root} && {rebuild})"
-        )
-
-    def _check_files(self, checksums: bool) -> None:
-        """Every file the completion record lists exists with its recorded size; the small
-        files (tables, statistics, metadata) also match their crc32c, all of them with
-        ``checksums`` (the block markers are skipped on open: training never reads them).
-
-        Stores harvested before ``files`` was recorded carry chunk sizes only."""
-        for relative, expected in self.record.get("files", {}).items():
-            path = self.paths.root / relative
-            if not path.is_file():
-                raise self.damaged(path, "file missing")
-            size = path.stat().st_size
-            if size != expected["size"]:
-                raise self.damaged(path, f"{size} bytes, expected {expected['size']} (truncated?)")
-            if not checksums and relative.startswith("blocks/"):
-                continue
-            if file_crc32c(path) != expected["crc32c"]:
-                raise self.damaged(path, "checksum mismatch (the file changed since harvest)")
-        for name, expected in self.record["chunk_files"].items():
-            actual = chunk_files(self.paths.array(name))
-            for chunk, size in expected.items():
-                path = self.paths.array(name) / chunk
-                if chunk not in actual:
-                    raise self.damaged(path, "chunk file missing")
-                if actual[chunk] != size:
-                    raise self.damaged(path, f"{actual[chunk]} bytes, expected {size} (truncated?)")
-
     def verify(self) -> None:
         """Every file's crc32c, and every chunk decoded and compared with the harvest record."""
         self._check_files(checksums=True)
@@ -160,29 +97,6 @@ class ActivationStore:
                 else self.paths.array(self.hook_names[layer]) / "c" / f"{{{block}..{last}}}" / "0"
             )
             raise self.damaged(where, f"unreadable chunk ({type(err).__name__}: {err})") from None
-
-    @property
-    def key(self) -> str:
-        return self.paths.root.name
-
-    @property
-    def n_layers(self) -> int:
-        return len(self.hook_names)
-
-    @property
-    def n_chunks(self) -> int:
-        return -(-self.n_tokens // self.chunk_tokens)
-
-    def chunk_rows(self, chunk: int) -> tuple[int, int]:
-        start = chunk * self.chunk_tokens
-        return start, min(start + self.chunk_tokens, self.n_tokens)
-
-    @cached_property
-    def manifest(self) -> dict:
-        try:
-            return json.loads(self.paths.manifest.read_text())
-        except ValueError as err:
-            raise self.damaged(self.paths.manifest, f"unreadable ({err})") from None
 
     @cached_property
     def stats(self) -> dict[str, torch.Tensor]:
@@ -253,6 +167,3 @@ class ActivationStore:
         if missing:
             raise ValueError(f"{self.paths.root}: cache {self.key} does not store {missing}")
         return [self.hook_names.index(h) for h in hooks]
-
-    def size_on_disk(self) -> int:
-        return tree_bytes(self.paths.root)

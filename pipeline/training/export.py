@@ -20,8 +20,10 @@ unchanged by the fold, so TopK choices and JumpReLU/BatchTopK thresholds carry o
   arguments (``Class.from_pretrained(folder, from_hub=True)`` reads both), and
   ``fmxcoders.json`` with the provenance. relu -> ``CrossCoder``; batchtopk ->
   ``BatchTopKCrossCoder`` (code normalisation NONE, so its threshold compares raw codes as
-  ours does); topk -> ``BatchTopKCrossCoder`` too: per-token TopK is its
-  ``encode(x, use_threshold=False)`` on one token at a time (the threshold is unset).
+  ours does); topk -> ``BatchTopKCrossCoder`` too, with a threshold estimated on the run's
+  training activations (``topk_threshold``) so that its ``forward`` fires k latents per token
+  on average, as dictionary_learning's BatchTopK runs at inference; exact per-token TopK is
+  its ``encode(x, use_threshold=False)`` on one token at a time.
 
 ``saelens_forward`` and ``dictionary_learning_forward`` re-implement each library's
 inference forward from the exported files alone, so the tests check an export without
@@ -31,7 +33,9 @@ installing either library (bench/export_roundtrip.py checks with the real ones).
 from __future__ import annotations
 
 import json
+import math
 import re
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +49,7 @@ from pipeline.training.run_record import RunRecord
 FORMATS = ("saelens", "dictionary_learning")
 SAELENS_VERSION = "6.54.12"  # the SAELens whose layout this writes (bench/export_roundtrip.py)
 _CODE_NORMALISATION_ID = {"CROSSCODER": 1, "NONE": 4}  # dictionary_learning's enum values
+CALIBRATION_TOKENS = 65_536  # at most this many training tokens set a TopK export's threshold
 
 
 class ExportError(ValueError):
@@ -226,8 +231,56 @@ def export_saelens(
     return folders
 
 
-def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path:
-    """A crosscoder/fmxcoder (dense expansion) in dictionary_learning's CrossCoder layout."""
+@torch.no_grad()
+def topk_threshold(coder: Any, record: RunRecord, batches: Iterable[Tensor]) -> dict[str, Any]:
+    """The code threshold at which a TopK coder fires k latents per token on average over
+    ``batches`` (raw training activations ``[n, L, d]``): the (k * N)-th largest positive code
+    of all N tokens, i.e. BatchTopK's selection on one batch of every token (what
+    dictionary_learning's BatchTopK trainer tracks as an EMA of each batch's smallest kept
+    code). Returns the threshold, N and the mean L0 that threshold gives on those tokens."""
+    k = int(coder.config.k)
+    kept, tokens = torch.empty(0), 0
+    for x in batches:
+        codes = coder.encode_pre(record.normalise(x)).relu().flatten()
+        tokens += x.shape[0]
+        pool = torch.cat([kept, codes[codes > 0]])
+        kept = pool.topk(min(k * tokens, pool.numel()), sorted=False).values
+    if tokens == 0:
+        raise ExportError("no training activations to estimate the TopK threshold on")
+    # fewer positive codes than k * N: every positive code fires, as in BatchTopK
+    threshold = float(kept.min()) if kept.numel() == k * tokens else 0.0
+    return {
+        "threshold": threshold,
+        "tokens": tokens,
+        "mean_l0": float((kept > threshold).sum()) / tokens,
+        "k": k,
+    }
+
+
+def training_batches(
+    store: Any, record: RunRecord, tokens: int = CALIBRATION_TOKENS, batch: int = 2048
+) -> Iterator[Tensor]:
+    """Raw activations of at most ``tokens`` training-split tokens of ``store`` (an
+    ActivationStore) at the record's hooks, in ``batch``-row blocks spread evenly over the
+    split (contiguous rows: each block is one read)."""
+    from pipeline.training.loader import split_rows
+
+    rows = split_rows(store, "train")
+    blocks = [rows[i : i + batch] for i in range(0, rows.size, batch)]
+    wanted = min(len(blocks), math.ceil(tokens / batch))
+    picks = sorted({round(i * (len(blocks) - 1) / max(wanted - 1, 1)) for i in range(wanted)})
+    for block in (blocks[i] for i in picks):
+        x = store.read(int(block[0]), int(block[-1]) + 1, hooks=record.hook_names)
+        yield x[torch.from_numpy(block - block[0])]
+
+
+def export_dictionary_learning(
+    coder: Any, record: RunRecord, out: Path, calibration: Iterable[Tensor] | None = None
+) -> Path:
+    """A crosscoder/fmxcoder (dense expansion) in dictionary_learning's CrossCoder layout.
+
+    ``calibration``: raw training activations ``[n, L, d]`` (batches) on which a TopK
+    coder's threshold is estimated (``topk_threshold``); required for TopK coders only."""
     if coder.config.kind == "per_layer_sae":
         raise ExportError(
             "--format dictionary_learning takes crosscoder and fmxcoder runs; a per-layer SAE "
@@ -267,13 +320,22 @@ def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path
         "code_normalization": norm_name,
         "target_rms": 1.0,
     }
-    class_name = "CrossCoder"
+    class_name, estimate = "CrossCoder", None
     if kind != "relu":
         class_name = "BatchTopKCrossCoder"
-        threshold = _activation_threshold(coder)
+        tracked = _activation_threshold(coder)  # one activation group: a scalar
+        if tracked is not None:
+            value = float(tracked[0])
+        elif calibration is None:
+            raise ExportError(
+                "a TopK crosscoder's dictionary_learning export needs the run's training "
+                "activations (its cache) to set the threshold at which the library's "
+                "forward fires k latents per token"
+            )
+        else:
+            estimate = topk_threshold(coder, record, calibration)
+            value = estimate["threshold"]
         tensors["k"] = torch.tensor(coder.config.k, dtype=torch.int32)
-        # A scalar threshold (one activation group); -1 for TopK: use use_threshold=False.
-        value = float(threshold[0]) if threshold is not None else -1.0
         tensors["threshold"] = torch.tensor(value, dtype=torch.float32)
         config["k"] = coder.config.k
     out = Path(out)
@@ -285,11 +347,14 @@ def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path
         "layout": "jkminder/dictionary_learning CrossCoder (encoder [L,d,m], decoder [L,m,d])",
         "activation": coder.config.activation,
         "per_token_topk": kind == "topk",
-        "usage": (
-            "encode(x, use_threshold=False) one token at a time (per-token TopK)"
+        "usage": "forward(x) on raw activations [batch, L, d]"
+        + (
+            " (a threshold set at L0 = k on training tokens); exact per-token TopK: "
+            "decode(encode(x_token, use_threshold=False)) one token at a time"
             if kind == "topk"
-            else "forward(x) on raw activations [batch, L, d]"
+            else ""
         ),
+        **({"threshold_estimate": estimate} if estimate else {}),
         "hook_names": record.hook_names,
         **record.metadata(),
         "coder": coder.config.model_dump(mode="json"),
@@ -299,8 +364,17 @@ def export_dictionary_learning(coder: Any, record: RunRecord, out: Path) -> Path
     return out
 
 
-def export_run(checkpoint: Path, fmt: str, out: Path, cache_root: Path | None = None) -> list[Path]:
-    """Export a run's final checkpoint (or any checkpoint directory); returns what it wrote."""
+def export_run(
+    checkpoint: Path,
+    fmt: str,
+    out: Path,
+    cache_root: Path | None = None,
+    calibration: Tensor | None = None,
+) -> list[Path]:
+    """Export a run's final checkpoint (or any checkpoint directory); returns what it wrote.
+
+    A TopK crosscoder's threshold is estimated on ``calibration`` (raw ``[n, L, d]``) if
+    given, else on the run's store's training split (which must then be on this machine)."""
     from pipeline.training.checkpoint import load_coder
     from pipeline.training.run_record import load_record
 
@@ -309,18 +383,31 @@ def export_run(checkpoint: Path, fmt: str, out: Path, cache_root: Path | None = 
     coder = load_coder(checkpoint)
     record = load_record(checkpoint, cache_root)
     if fmt == "saelens":
-        return export_saelens(coder, record, out, _harvest_manifest(record, cache_root))
-    return [export_dictionary_learning(coder, record, out)]
+        store = _run_store(record, cache_root)
+        return export_saelens(coder, record, out, store.manifest.get("manifest") if store else None)
+    if calibration is not None or coder.config.kind == "per_layer_sae":
+        batches = None if calibration is None else [calibration]
+        return [export_dictionary_learning(coder, record, out, batches)]
+    if _inference_kind(coder) != "topk":
+        return [export_dictionary_learning(coder, record, out)]
+    store = _run_store(record, cache_root)
+    if store is None:
+        raise ExportError(
+            f"a TopK crosscoder's dictionary_learning export sets its threshold on the run's "
+            f"training activations: cache {record.cache_key} is not on this machine "
+            "(--cache-root names where it is)"
+        )
+    return [export_dictionary_learning(coder, record, out, training_batches(store, record))]
 
 
-def _harvest_manifest(record: RunRecord, cache_root: Path | None) -> dict[str, Any] | None:
-    """The run's store's harvest manifest, read through the store's checks; None when the
-    cache is not on this machine (an export needs only the run)."""
+def _run_store(record: RunRecord, cache_root: Path | None) -> Any:
+    """The run's store (an ActivationStore, opened through its checks), or None when the
+    cache is not on this machine (most exports need only the run)."""
     from pipeline.store.catalog import find_store
     from pipeline.store.reader import StoreError
 
     try:
-        return find_store(record.cache_key, cache_root).manifest.get("manifest")
+        return find_store(record.cache_key, cache_root)
     except StoreError:
         return None
 
@@ -347,18 +434,26 @@ def saelens_forward(folder: Path, x: Tensor) -> Tensor:
     return acts @ w["W_dec"] + w["b_dec"]
 
 
-def dictionary_learning_forward(folder: Path, x: Tensor) -> Tensor:
-    """dictionary_learning's CrossCoder / BatchTopKCrossCoder inference on raw ``[B, L, d]``.
+def dictionary_learning_codes(folder: Path, x: Tensor, per_token_topk: bool = False) -> Tensor:
+    """dictionary_learning's CrossCoder / BatchTopKCrossCoder codes ``[B, m]`` of raw
+    ``[B, L, d]``, as its classes compute them (code normalisation NONE).
 
-    TopK exports (threshold -1) run its ``use_threshold=False`` path token by token."""
+    Default: ``cc(x)``'s ``encode`` (``f * (f > threshold)``; an unset threshold, -1, keeps
+    every positive code, as the library does). ``per_token_topk``: ``encode(x_token,
+    use_threshold=False)`` one token at a time, i.e. BatchTopK over a batch of one token."""
     w = load_file(str(Path(folder) / "model.safetensors"))
-    pre = torch.einsum("bld,ldf->bf", x, w["encoder.weight"]) + w["encoder.bias"]
-    f = pre.relu()
-    if "k" in w:
-        if float(w["threshold"]) >= 0:
-            f = f * (f > w["threshold"])
-        else:
-            k = int(w["k"])
-            vals, idx = f.topk(k, dim=-1, sorted=False)
-            f = torch.zeros_like(f).scatter(-1, idx, vals)
+    f = (torch.einsum("bld,ldf->bf", x, w["encoder.weight"]) + w["encoder.bias"]).relu()
+    if "k" not in w:
+        return f
+    if not per_token_topk:
+        return f * (f > w["threshold"])
+    vals, idx = f.topk(int(w["k"]), dim=-1, sorted=False)
+    return torch.zeros_like(f).scatter(-1, idx, vals)
+
+
+def dictionary_learning_forward(folder: Path, x: Tensor, per_token_topk: bool = False) -> Tensor:
+    """dictionary_learning's reconstruction of raw ``[B, L, d]`` (see
+    ``dictionary_learning_codes`` for the two calls)."""
+    w = load_file(str(Path(folder) / "model.safetensors"))
+    f = dictionary_learning_codes(folder, x, per_token_topk)
     return torch.einsum("bf,lfd->bld", f, w["decoder.weight"]) + w["decoder.bias"]
