@@ -28,6 +28,7 @@ from pipeline.experiment.protocol import (
     lr_sweep_run,
     lr_sweep_runs,
     protocol_runs,
+    run_cost,
 )
 from pipeline.experiment.results_table import (
     protocol_table,
@@ -174,8 +175,10 @@ def run(
 
     summary = json.loads(report.summary.read_text())
     labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
+    costs = {run_id(run_dirs[i]): run_cost(run_dirs[i]) for i in evaluated}
     for row in summary["variants"]:
         row["protocol"] = labels.get(row["run_dir"])
+        row["cost"] = costs.get(row["run_dir"])
     table = protocol_table(summary)
     markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
     markdown += render_trajectories(table)

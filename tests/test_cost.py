@@ -8,12 +8,18 @@ test gives it one: each gathered row times the row width, forward and each backw
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.coders import build_coder, coder_config_from_dict
 from pipeline.coders.cost import macs_per_token, parameter_count
+from pipeline.experiment.manifest import load_experiment, variant_manifests
+from pipeline.manifests.io import ManifestError
+from pipeline.training.manifest import CoderManifest
 
 BATCH, L, D = 48, 3, 16
 
@@ -127,3 +133,109 @@ def test_per_latent_has_fewer_parameters_but_costs_more_per_step():
     )
     assert parameter_count(default) * 4 < parameter_count(dense)
     assert macs_per_token(default, 512).step > macs_per_token(dense, 512).step
+
+
+def test_a_finished_run_records_its_median_step_time(tiny_cache_root, tmp_path):
+    """Steps past the warm-up are timed; validation and checkpoints are not steps."""
+    from pipeline.training.manifest import CoderManifest
+    from pipeline.training.trainer import STEP_TIME_WARMUP, read_step_time
+    from stages import train
+
+    key = next(p.name for p in tiny_cache_root.iterdir() if p.is_dir())
+    manifest = CoderManifest.model_validate(
+        {
+            "name": "timed",
+            "cache": {"key": key, "root": str(tiny_cache_root)},
+            "coder": {"kind": "crosscoder", "n_latents": 64, "activation": "topk", "k": 4},
+            "training": {"tokens": 1280, "batch_size": 128, "checkpoint_every": 4},
+            "run": {"runs_root": str(tmp_path), "progress": False},
+        }
+    )
+    (result,) = train.run([(manifest, tmp_path)])
+    timing = read_step_time(result.run_dir)
+    assert timing is not None and timing["step"] == result.steps == 10
+    assert timing["steps_timed"] == 10 - STEP_TIME_WARMUP
+    assert 0 < timing["median_s"] < 5
+    assert "step_time.json" not in {p.name for p in (result.run_dir / "final").iterdir()}
+
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM_HARVEST = REPO / "manifests" / "harvest" / "smollm2-wiki-cpu-large.yaml"
+FMX_VARIANT = {
+    "name": "fmx",
+    "coder": {"kind": "fmxcoder", "n_latents": 1024, "activation": "topk", "k": 32,
+              **fmx("per_latent", "per_latent", 2, masking_probability=0.25)},
+}  # fmt: skip
+
+
+def experiment_file(tmp_path: Path, variants: list[dict], harvest: Path = SMOLLM_HARVEST) -> Path:
+    path = tmp_path / "e.yaml"
+    doc = {
+        "name": "e",
+        "harvest": str(harvest),
+        "defaults": {"layers": "all", "training": {"batch_size": 512}},
+        "variants": variants,
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def matched(measure: str) -> dict:
+    return {
+        "name": f"matched-{measure}",
+        "match": {measure: "fmx"},
+        "coder": {"kind": "crosscoder", "activation": "topk", "k": 32},
+    }
+
+
+def resolved(path: Path) -> dict[str, CoderManifest]:
+    experiment, base = load_experiment(path)
+    return {m.name: m for m, _ in variant_manifests(experiment, base, str(path))}
+
+
+def test_match_sets_the_smallest_n_latents_reaching_the_target(tmp_path):
+    """10 layers x 576 (the cpu-large harvest): 209 latents is the count cpu-large.yaml
+    wrote by hand; the compute match is the first n whose step reaches the fmxcoder's."""
+    runs = resolved(
+        experiment_file(tmp_path, [FMX_VARIANT, matched("params"), matched("step_macs")])
+    )
+    assert runs["matched-params"].coder["n_latents"] == 209
+    target = coder_config_from_dict({**runs["fmx"].coder, "n_layers": 10, "d_model": 576})
+    n = runs["matched-step_macs"].coder["n_latents"]
+    crosscoder = {**runs["matched-step_macs"].coder, "n_layers": 10, "d_model": 576}
+
+    def step(latents: int) -> float:
+        config = coder_config_from_dict({**crosscoder, "n_latents": latents})
+        return macs_per_token(config, 512).step
+
+    goal = macs_per_token(target, 512).step
+    assert step(n) >= goal > step(n - 1)
+    assert parameter_count(target) <= parameter_count(coder_config_from_dict(crosscoder))
+
+
+@pytest.mark.parametrize(
+    ("variant", "message"),
+    [
+        ({**matched("params"), "match": {"params": "nope"}}, r"field 'match'.params: no other"),
+        ({**matched("params"), "match": {"flops": "fmx"}}, r"field 'match': must be one of"),
+        (
+            {**matched("params"), "coder": {"kind": "per_layer_sae", "latents_per_layer": 9}},
+            r"field 'match': sets n_latents, which a 'per_layer_sae'",
+        ),
+        (
+            {**matched("params"), "coder": {"kind": "crosscoder", "n_latents": 5, "k": 2}},
+            r"field 'match': sets coder.n_latents; leave it out",
+        ),
+    ],
+)
+def test_match_errors_name_the_field(tmp_path, variant, message):
+    with pytest.raises(ManifestError, match=rf"variants\[1\] 'matched-params': {message}"):
+        load_experiment(experiment_file(tmp_path, [FMX_VARIANT, variant]))
+
+
+def test_match_needs_a_harvest_whose_shape_is_known(tmp_path):
+    harvest = tmp_path / "h.yaml"
+    harvest.write_text("model: {source: hub, name: some/model, revision: abc}\n")
+    path = experiment_file(tmp_path, [FMX_VARIANT, matched("params")], harvest)
+    with pytest.raises(ManifestError, match=r"field 'match': needs the harvest's layer count"):
+        load_experiment(path)

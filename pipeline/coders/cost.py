@@ -25,8 +25,9 @@ Conventions:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pipeline.coders.factorized import SPARSE_DECODE_MAX_DENSITY, factor_parameters
 
@@ -189,3 +190,25 @@ def parameter_count(config: Any) -> int:
     )
     threshold = m if config.activation == "jumprelu" else 0
     return weights + m + n * d + threshold  # + b_enc, b_dec, JumpReLU's log-thresholds
+
+
+Measure = Literal["params", "step_macs"]
+MAX_MATCHED_LATENTS = 1 << 22
+
+
+def measure_fn(measure: Measure, batch_size: int) -> Callable[[Any], float]:
+    """A config's parameter count or training-step multiply-adds per token."""
+    if measure == "params":
+        return parameter_count
+    return lambda config: macs_per_token(config, batch_size).step
+
+
+def matching_latents(config: Any, measure: Measure, goal: float, batch_size: int) -> int | None:
+    """The smallest ``n_latents`` (at least ``k``) at which ``config`` reaches ``goal`` in
+    ``measure``, or None below ``MAX_MATCHED_LATENTS``. A scan, not a bisection: step MACs
+    drop where the sparse decode takes over (``k <= m / 16``), so they are not monotone."""
+    fn = measure_fn(measure, batch_size)
+    for n in range(max(config.k or 1, 1), MAX_MATCHED_LATENTS):
+        if fn(config.model_copy(update={"n_latents": n})) >= goal:
+            return n
+    return None
