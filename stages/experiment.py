@@ -37,6 +37,7 @@ from pipeline.experiment.results_table import (
     render_markdown,
     render_recovery,
     render_trajectories,
+    step_time_lines,
 )
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError
@@ -180,6 +181,8 @@ def run(
         row["protocol"] = labels.get(row["run_dir"])
         row["cost"] = costs.get(row["run_dir"])
     table = protocol_table(summary)
+    for line in step_time_lines(summary):
+        print(line)
     markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
     markdown += render_trajectories(table)
     frontier = _frontier(planned, run_dirs)

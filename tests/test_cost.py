@@ -239,3 +239,20 @@ def test_match_needs_a_harvest_whose_shape_is_known(tmp_path):
     path = experiment_file(tmp_path, [FMX_VARIANT, matched("params")], harvest)
     with pytest.raises(ManifestError, match=r"field 'match': needs the harvest's layer count"):
         load_experiment(path)
+
+
+def test_table_shows_macs_per_variant_and_step_seconds_only_on_the_console():
+    from pipeline.experiment.results_table import protocol_table, render_markdown, step_time_lines
+    from tests.test_protocol import _row
+
+    cost = {"macs_encode": 5.9e6, "macs_decode": 5.9e6, "macs_decode_sparse": 1.8e5}
+    rows = [_row("cc", "trained", seed, 0.3, 4.0) for seed in (0, 1)]
+    rows.append(_row("cc", "control", 0, 1.0, 5.0))
+    for row, step_s in zip(rows, (0.5, 0.7, None), strict=True):
+        row["cost"] = {**cost, "macs_step": 1.2e7, "step_s": step_s}
+    summary = {"variants": rows, "baselines": []}
+    table = protocol_table(summary)
+    assert [r["macs_step"] for r in table] == [1.2e7, 1.2e7]
+    assert all("step_s" not in r for r in table)  # a rerun elsewhere rewrites it byte for byte
+    assert "| 5.9M / 5.9M (0.18M) / 12M |" in render_markdown(table, summary)
+    assert step_time_lines(summary) == ["step s (median, this machine): cc 0.600 over 2 run(s)"]
