@@ -28,6 +28,7 @@ from pipeline.experiment.protocol import (
     lr_sweep_run,
     lr_sweep_runs,
     protocol_runs,
+    run_cost,
 )
 from pipeline.experiment.results_table import (
     protocol_table,
@@ -36,6 +37,7 @@ from pipeline.experiment.results_table import (
     render_markdown,
     render_recovery,
     render_trajectories,
+    step_time_lines,
 )
 from pipeline.manifests.harvest import load_harvest_manifest
 from pipeline.manifests.io import ManifestError
@@ -175,9 +177,13 @@ def run(
     summary = json.loads(report.summary.read_text())
     labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
     atomic_write_json(paths.protocol_labels, labels)  # read by `pipeline collate`
+    costs = {run_id(run_dirs[i]): run_cost(run_dirs[i]) for i in evaluated}
     for row in summary["variants"]:
         row["protocol"] = labels.get(row["run_dir"])
+        row["cost"] = costs.get(row["run_dir"])
     table = protocol_table(summary)
+    for line in step_time_lines(summary):
+        print(line)
     markdown = render_markdown(table, summary, lr_sweep) + render_recovery(recovery_table(summary))
     markdown += render_trajectories(table)
     frontier = _frontier(planned, run_dirs)

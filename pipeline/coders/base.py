@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from pipeline.coders.activations import ActivationKind, auxk_loss, build_activation, l1_penalty
+from pipeline.coders.cost import MacsPerToken, macs_per_token
 from pipeline.coders.factorized import WeightView
 from pipeline.manifests.harvest import kind_problem
 
@@ -310,6 +311,11 @@ class SparseCoder(Coder):
 
     def decoder_weight(self) -> Tensor:
         return self.decoder_view().expand()
+
+    def macs_per_token(self, batch_size: int) -> MacsPerToken:
+        """Multiply-adds per token of encode, decode and a training step at ``batch_size``
+        (``pipeline.coders.cost``: what the code runs, not what the parameter count says)."""
+        return macs_per_token(self.config, batch_size)
 
     def dead_latents(self) -> Tensor:
         """``[n_latents]`` bool: no firing within the last ``dead_after_tokens`` tokens."""

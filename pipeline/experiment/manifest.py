@@ -2,7 +2,10 @@
 
 Each variant is a coder manifest written as overrides of the shared ``defaults``
 (deep-merged), so a sweep or an ablation is a few lines, and every variant trains from
-the same cache.
+the same cache. A variant may leave ``coder.n_latents`` to ``match``: the smallest
+dictionary with at least another variant's parameters (``match: {params: <variant>}``) or
+training-step multiply-adds per token (``match: {step_macs: <variant>}``,
+``pipeline.coders.cost``), computed from the harvest's shape, so no count is written by hand.
 """
 
 from __future__ import annotations
@@ -12,12 +15,17 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from pipeline.coders import coder_config_from_dict
+from pipeline.coders.cost import matching_latents, measure_fn
 from pipeline.manifests.harvest import HarvestManifest, Strict, load_harvest_manifest
 from pipeline.manifests.io import ManifestError, check_name, load_manifest, validate
-from pipeline.training.manifest import CoderManifest, check_coder_section
+from pipeline.training.manifest import CoderManifest, TrainingSpec, check_coder_section
 
 # Known shapes (n_layers, d_model), so coder sections are checked before any harvest.
-PACKAGED_SHAPES = {"smollm2-135m": (30, 576)}
+PACKAGED_SHAPES = {"smollm2-135m": (30, 576), "gemma3-270m": (18, 640)}
+# What a variant's ``match`` can equal, and the coder kinds whose n_latents it sets.
+MATCH_MEASURES = ("params", "step_macs")
+MATCHABLE_KINDS = ("crosscoder", "fmxcoder")
 
 
 class EvaluationSpec(Strict):
@@ -101,7 +109,30 @@ class ExperimentManifest(Strict):
         unknown = set(self.sparsity_sweep.per_variant) - set(names) if self.sparsity_sweep else ()
         if unknown:
             raise ValueError(f"sparsity_sweep.per_variant: no variant named {sorted(unknown)}")
+        for index, variant in enumerate(self.variants):
+            if "match" in variant:
+                self._check_match(index, variant)
         return self
+
+    def _check_match(self, index: int, variant: dict) -> None:
+        """A ``match`` names one measure and an unmatched variant; the coder leaves
+        n_latents to it."""
+        where = f"variants[{index}] '{variant['name']}': field 'match'"
+        match = variant["match"]
+        if not (isinstance(match, dict) and len(match) == 1 and set(match) < set(MATCH_MEASURES)):
+            shapes = ", ".join(f"{{{m}: <variant>}}" for m in MATCH_MEASURES)
+            raise ValueError(f"{where}: must be one of {shapes}")
+        measure, target = next(iter(match.items()))
+        others = {v["name"]: v for v in self.variants}
+        if target not in others or target == variant["name"]:
+            raise ValueError(f"{where}.{measure}: no other variant named {target!r}")
+        if "match" in others[target]:
+            raise ValueError(f"{where}.{measure}: {target!r} is itself matched; name its target")
+        kind = deep_merge(self.defaults, variant).get("coder", {}).get("kind")
+        if kind not in MATCHABLE_KINDS:
+            raise ValueError(f"{where}: sets n_latents, which a {kind!r} coder does not have")
+        if "n_latents" in variant.get("coder", {}):
+            raise ValueError(f"{where}: sets coder.n_latents; leave it out")
 
 
 def deep_merge(base: dict, override: dict) -> dict:
@@ -117,10 +148,13 @@ def deep_merge(base: dict, override: dict) -> dict:
 def variant_manifests(
     experiment: ExperimentManifest, base: Path, source: str
 ) -> list[tuple[CoderManifest, Path]]:
-    """Every variant as a validated coder manifest naming the experiment's harvest."""
+    """Every variant as a validated coder manifest naming the experiment's harvest, with
+    ``match`` resolved to n_latents."""
     out = []
     for index, variant in enumerate(experiment.variants):
         data = deep_merge(experiment.defaults, variant)
+        if "match" in data:
+            data = _resolve_match(experiment, base, data, f"{source} (variants[{index}])")
         data["cache"] = {"harvest_manifest": experiment.harvest}
         label = f"{source} (variants[{index}] '{variant['name']}')"
         out.append((validate(CoderManifest, data, label), base))
@@ -137,6 +171,48 @@ def _store_shape(harvest: HarvestManifest) -> tuple[int | None, int | None]:
     if harvest.hooks.layers != "all":
         n_layers = len(harvest.hooks.layers)
     return n_layers, d_model
+
+
+def _coder_shape(experiment: ExperimentManifest, base: Path, data: dict, where: str) -> dict:
+    """``n_layers`` and ``d_model`` of a variant's coder, from the harvest manifest."""
+    n_hooks, d_model = _store_shape(load_harvest_manifest(base / experiment.harvest))
+    layers = data.get("layers", "all")
+    n_layers = n_hooks if layers == "all" else len(layers)
+    if n_layers is None or d_model is None:
+        raise ManifestError(
+            f"{where}: field 'match': needs the harvest's layer count and width, which "
+            f"{experiment.harvest} does not tell (model source or name); set coder.n_latents"
+        )
+    return {"n_layers": n_layers, "d_model": d_model}
+
+
+def _config(coder: dict, shape: dict, where: str) -> Any:
+    """A coder section at the harvest's shape, its errors named as the manifest's."""
+    try:
+        return coder_config_from_dict({**coder, **shape})
+    except ValueError as err:
+        raise ManifestError(f"{where}: field 'match': {err}") from None
+
+
+def _resolve_match(experiment: ExperimentManifest, base: Path, data: dict, where: str) -> dict:
+    """``data`` with its ``match`` replaced by ``coder.n_latents``: the smallest with at
+    least the target variant's measure (the same rule as a count worked out by hand)."""
+    measure, target = next(iter(data.pop("match").items()))
+    default_batch = TrainingSpec.model_fields["batch_size"].default
+    batch = data.get("training", {}).get("batch_size", default_batch)
+    target_data = next(
+        deep_merge(experiment.defaults, v) for v in experiment.variants if v["name"] == target
+    )
+    shape = _coder_shape(experiment, base, target_data, where)
+    target_batch = target_data.get("training", {}).get("batch_size", default_batch)
+    goal = measure_fn(measure, target_batch)(_config(target_data["coder"], shape, where))
+    shape = _coder_shape(experiment, base, data, where)
+    start = max(data["coder"].get("k") or 1, 1)
+    template = _config({**data["coder"], "n_latents": start}, shape, where)
+    n = matching_latents(template, measure, goal, batch)
+    if n is None:
+        raise ManifestError(f"{where}: field 'match.{measure}': no n_latents reaches {goal:,.0f}")
+    return deep_merge(data, {"coder": {"n_latents": n}})
 
 
 def check_variants(experiment: ExperimentManifest, base: Path, source: str) -> None:

@@ -15,10 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, get_args
 
+from pipeline.coders import coder_config_from_dict
+from pipeline.coders.cost import macs_per_token
 from pipeline.experiment.manifest import ExperimentManifest, deep_merge
 from pipeline.manifests.io import validate
 from pipeline.paths import RunPaths
 from pipeline.training.manifest import CoderManifest
+from pipeline.training.trainer import read_step_time
 
 Role = Literal["lr_sweep", "trained", "control", "sparsity"]
 
@@ -148,6 +151,26 @@ def final_validation(run_dir: Path) -> dict[str, float] | None:
     if last is None:
         return None
     return {"step": last["step"], "val_fvu": last["val_fvu"], "val_l0": last["val_l0"]}
+
+
+def run_cost(run_dir: Path) -> dict[str, float | None] | None:
+    """Multiply-adds per token (``pipeline.coders.cost``, at the run's batch size) and the
+    median step seconds its training recorded (None for an untrained control), or None
+    when the run records no resolved coder config."""
+    recorded = RunPaths(run_dir).manifest
+    if not recorded.is_file():
+        return None
+    doc = json.loads(recorded.read_text())
+    config = coder_config_from_dict(doc["coder"])
+    macs = macs_per_token(config, doc["manifest"]["training"]["batch_size"])
+    timing = read_step_time(run_dir)
+    return {
+        "macs_encode": macs.encode,
+        "macs_decode": macs.decode,
+        "macs_decode_sparse": macs.decode_sparse,
+        "macs_step": macs.step,
+        "step_s": timing["median_s"] if timing else None,
+    }
 
 
 def choose_lr(points: list[dict]) -> float:

@@ -4,6 +4,9 @@ Columns in the paper's terms: mean probing F1 (and its change vs the per-layer S
 reconstruction MSE (and its change vs the standard crosscoder), the floor FVU of a decoder
 confined to a fixed subspace (blank where there is none, see ``pipeline.evaluation.spectrum``),
 mean functional coherence N_eff (and decoder-side D_eff), and the judge's coherent-latent count.
+Cost beside parameters: multiply-adds per token (``pipeline.coders.cost``), from a row's
+``cost`` record (``protocol.run_cost``). Its measured step seconds stay out of the table,
+which a rerun on another machine must rewrite byte for byte: ``step_time_lines`` says them.
 
 ``paper_table`` gives one row per evaluated run; ``protocol_table`` folds the runs of an
 experiment's protocol (seeds, untrained controls) into one row per variant and role with
@@ -45,6 +48,8 @@ TRAJECTORY_COLUMNS = tuple(
     for stat in ("top1", "top2", "top3", "adjacent_cos", "first_last_cos", "carry")
 )
 NOT_AVERAGED = {"seed", "probe_k", "lr", "judge_rated"}
+# Cost columns (``protocol.run_cost``): multiply-adds per token, equal in every seed.
+COST_COLUMNS = ("macs_encode", "macs_decode", "macs_decode_sparse", "macs_step")
 NOT_INFORMATIVE = "†"
 # Table column <- its 95% bootstrap interval in a summary row's ``bootstrap`` record
 # (pipeline.evaluation.bootstrap); the table keeps ``<column>_lo`` and ``<column>_hi``.
@@ -120,6 +125,7 @@ def paper_table(summary: dict, k: int | None = None) -> list[dict]:
                 "kind": row["kind"],
                 "latents": row["n_latents"],
                 "parameters": row["parameters"],
+                **{key: (row.get("cost") or {}).get(key) for key in COST_COLUMNS},
                 "l0": row["l0"],
                 "fvu": row["fvu"],
                 "floor_fvu": row.get("floor_fvu"),
@@ -308,6 +314,34 @@ def _count(row: dict, key: str) -> str:
     return "" if value is None else f"{value:,.0f}" if _finite(value) else "n/a"
 
 
+def _macs(value: object) -> str:
+    return f"{value / 1e6:.3g}M" if _finite(value) else ""
+
+
+def _cost(row: dict) -> str:
+    """``enc / dec (sparse) / step`` multiply-adds per token, blank for an older record."""
+    if not _finite(row.get("macs_step")):
+        return ""
+    sparse = row.get("macs_decode_sparse")
+    dec = _macs(row["macs_decode"]) + (f" ({_macs(sparse)})" if _finite(sparse) else "")
+    return f"{_macs(row['macs_encode'])} / {dec} / {_macs(row['macs_step'])}"
+
+
+def step_time_lines(summary: dict) -> list[str]:
+    """Median training step seconds per trained variant (mean over seeds), from the rows'
+    ``cost`` records: what ``pipeline run`` prints, as they differ between machines."""
+    seconds: dict[str, list[float]] = {}
+    for row in summary["variants"]:
+        protocol, cost = row.get("protocol") or {}, row.get("cost") or {}
+        if protocol.get("role", "trained") == "trained" and _finite(cost.get("step_s")):
+            seconds.setdefault(protocol.get("variant", row["variant"]), []).append(cost["step_s"])
+    return [
+        f"step s (median, this machine): {variant} {statistics.fmean(values):.3f}"
+        f" over {len(values)} run(s)"
+        for variant, values in seconds.items()
+    ]
+
+
 def _outlier_note(summary: dict) -> str:
     outliers = summary.get("outliers") or {}
     if not outliers.get("excluded_tokens"):
@@ -329,17 +363,18 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         f" probing F1 = mean of token- and sequence-level mean F1 with k = {k} latents;"
         f" judge: {judge}; mean ± sd over {seeds} seed(s) per row.{_outlier_note(summary)}",
         "",
-        "| variant | role | seeds | lr | parameters | L0 | FVU | floor FVU | MSE "
+        "| variant | role | seeds | lr | parameters | MACs/token (enc / dec (sparse) / step) "
+        "| L0 | FVU | floor FVU | MSE "
         "| MSE vs crosscoder | probe F1 | vs SAE (pts) | N_eff | N_eff abs | N_eff ablation "
         "| D_eff | coherent / rated | dead |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         rated = r.get("judge_rated")
         coherent = f"{_cell(r, 'judge_good', 1)} / {_fmt(rated)}" if rated is not None else ""
         lines.append(
             f"| {r['variant']} | {r['role']} | {_fmt(r.get('seeds'))} | {_lr(r.get('lr'))} "
-            f"| {_count(r, 'parameters')} | {_cell(r, 'l0', 1)} | {_cell(r, 'fvu')} "
+            f"| {_count(r, 'parameters')} | {_cost(r)} | {_cell(r, 'l0', 1)} | {_cell(r, 'fvu')} "
             f"| {_fmt(r.get('floor_fvu'))} | {_cell(r, 'mse', 4)} "
             f"| {_cell(r, 'mse_change_vs_crosscoder', fmt=_pct)} | {_cell(r, 'probe_f1')} "
             f"| {_cell(r, 'probe_f1_points_vs_sae', 1)} | {_cell(r, 'fc_n_eff', 2)} "
@@ -353,6 +388,12 @@ def render_markdown(table: list[dict], summary: dict, lr_sweep: dict | None = No
         "spreads, each the larger of the seed sd and the bootstrap interval's half-width). "
         "Controls have zero training steps and are evaluated exactly like the trained runs; "
         "baseline rows are probes on raw features (probe F1 only).",
+        "",
+        "MACs/token: multiply-adds per token of the encoder, the decoder over all latents "
+        "(in brackets: over the k active ones, the path inference and TopK training take) "
+        "and one training step at the run's batch size, forward and backward as the code "
+        "runs them (pipeline/coders/cost.py). Measured seconds per step are in each run's "
+        "step_time.json and printed by pipeline run, not kept here (they differ per machine).",
         *_noise_notes(table, summary),
     ]
     if lr_sweep:

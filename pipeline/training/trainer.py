@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,68 @@ class NonFiniteLossError(ValueError):
 
 KEEP_CHECKPOINTS = 2  # the newest, and one to resume from if the newest is damaged
 
+# <run>/step_time.json: the median step time of the session that finished the run. Beside
+# metrics.jsonl, not in final/: wall time differs between identical runs, final/ must not.
+STEP_TIME_FILE = "step_time.json"
+# Steps left out at the start of a session: the allocator, thread pool and kernel choice
+# settle over the first few (on CPU the first step takes several times the median).
+STEP_TIME_WARMUP = 3
+
+
+class StepTimer:
+    """Wall time of each training step (forward, backward, optimiser), nothing else:
+    batch loading, validation and checkpoints happen outside it. On an accelerator the
+    step is timed by device events, read only at steps that synchronise anyway."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: list[float] = []
+        self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self._started: float | torch.cuda.Event | None = None
+
+    def start(self) -> None:
+        if self.device.type == "cuda":
+            self._started = torch.cuda.Event(enable_timing=True)
+            self._started.record()
+        else:
+            self._started = time.perf_counter()
+
+    def stop(self) -> None:
+        if isinstance(self._started, torch.cuda.Event):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((self._started, end))
+        elif self._started is not None:
+            self.seconds.append(time.perf_counter() - self._started)
+        self._started = None
+
+    def resolve(self) -> None:
+        """Turn recorded device events into seconds (waits for the last one)."""
+        if self._pending:
+            self._pending[-1][1].synchronize()
+            self.seconds += [a.elapsed_time(b) / 1000 for a, b in self._pending]
+            self._pending.clear()
+
+    def summary(self) -> dict | None:
+        """Median seconds per step past the warm-up steps, or None when too few ran."""
+        self.resolve()
+        timed = self.seconds[STEP_TIME_WARMUP:]
+        if not timed:
+            return None
+        return {
+            "median_s": statistics.median(timed),
+            "steps_timed": len(timed),
+            "warmup_steps_excluded": STEP_TIME_WARMUP,
+            "device": str(self.device),
+            "threads": torch.get_num_threads(),
+        }
+
+
+def read_step_time(run_dir: Path) -> dict | None:
+    """A run's ``step_time.json`` (``StepTimer.summary``), or None when it has none."""
+    path = Path(run_dir) / STEP_TIME_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
 
 def lr_factor(step: int, total: int, spec: TrainingSpec) -> float:
     warmup = int(spec.warmup_fraction * total)
@@ -81,9 +144,11 @@ class CoderRun:
     record: RunRecord | None = None  # normalisation + provenance, saved beside the final weights
     last_log: dict | None = None  # the last metrics.jsonl row: final/summary.json's figures
     first_bad_step: torch.Tensor | None = None  # on the device: first non-finite loss, or -1
+    timer: StepTimer = field(init=False)
 
     def __post_init__(self) -> None:
         spec = self.manifest.training
+        self.timer = StepTimer(self.device)
         self.coder.to(self.device)
         self.optimizer = torch.optim.Adam(
             self.coder.parameters(), lr=spec.lr, betas=(spec.beta1, spec.beta2)
@@ -109,6 +174,7 @@ class CoderRun:
 
     def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         spec = self.manifest.training
+        self.timer.start()
         for group in self.optimizer.param_groups:
             group["lr"] = spec.lr * lr_factor(self.step, self.total_steps, spec)
         with self.autocast():
@@ -124,9 +190,11 @@ class CoderRun:
             torch.nn.utils.clip_grad_norm_(self.coder.parameters(), spec.grad_clip)
         self.optimizer.step()
         self._note_non_finite(out.loss)
+        self.timer.stop()
         self.step += 1
         if self.step % spec.log_every == 0 or self.step % spec.checkpoint_every == 0 or self.done:
             self.check_finite()
+            self.timer.resolve()  # check_finite has synchronised: the events are done
         return {**out.terms, "lr": self.optimizer.param_groups[0]["lr"]}
 
     def _note_non_finite(self, loss: torch.Tensor) -> None:
@@ -186,6 +254,9 @@ class CoderRun:
             extra.update(self.record.metadata())
             self.record.write(self.paths.final)
         save_coder(self.paths.final, self.coder, extra)
+        timing = self.timer.summary()
+        if timing is not None:
+            atomic_write_json(self.paths.root / STEP_TIME_FILE, {**timing, "step": self.step})
 
     def try_resume(self) -> None:
         """Load the newest checkpoint that verifies, and cut the metric log back to it.
