@@ -222,8 +222,10 @@ def _figure(rows: int, cols: int, width: float, height: float, **kw):
 
 
 def _outside_legend(fig, **kw) -> None:
-    """The figure's legend to the right of every axes (never on the data)."""
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False, **kw)
+    """The figure's legend to the right of every axes (never on the data); none when
+    nothing was drawn."""
+    if any(ax.get_legend_handles_labels()[0] for ax in fig.axes):
+        fig.legend(loc="outside right upper", fontsize=8, frameon=False, **kw)
 
 
 EFFECTS = (
