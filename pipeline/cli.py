@@ -469,6 +469,28 @@ def compare(runs: tuple[str, ...]) -> None:
     click.echo(format_table(rows))
 
 
+@main.command(name="report")
+@click.argument("results", type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def report_command(results: Path) -> None:
+    """Redraw a report's figures and pages from its saved tables (no runs, no cache).
+
+    RESULTS is a report directory (it holds results.json) or an experiment's results
+    directory (its report/).
+
+    \b
+    Example:
+      pipeline report results/cpu-large
+    """
+    from pipeline.evaluation.html_report import rerender
+    from pipeline.paths import ExperimentPaths, ReportPaths
+
+    root = results if (results / "results.json").is_file() else ExperimentPaths(results).report
+    if not (root / "results.json").is_file():
+        raise FileNotFoundError(f"{results}: no results.json here or in its report/")
+    click.echo(rerender(ReportPaths(root)))
+
+
 @main.command(name="run")
 @click.argument("experiment", type=click.Path(dir_okay=False, path_type=Path))
 @click.option(

@@ -1,14 +1,20 @@
-"""A static HTML report: an index (comparison table, plots, latent lists) and one page per
-chosen latent (contexts by activation band, activation histogram, per-layer decoder norms
-and encoder contributions, logit effects). Plain files with relative links, no scripts, no
-external assets. Pages are Jinja2 templates (``templates/``) with autoescaping on, so every
-piece of text from the data (token text, titles, explanations) is escaped.
+"""A static HTML report: an index that answers first (the verdict figure, then one row per
+variant with mean ± sd over seeds, controls and baselines apart, the comparison plots and,
+folded per variant, the chosen latents), a details page (every run on its own row, the
+diagnostic plots) and one page per chosen latent (contexts by activation band, activation
+histogram, per-layer decoder norms and encoder contributions, logit effects). Plain files
+with relative links, no scripts, no external assets. Pages are Jinja2 templates
+(``templates/``) with autoescaping on, so every piece of text from the data (token text,
+titles, explanations) is escaped. The index and details pages read only the saved report
+tables, so ``rerender`` rebuilds them without the runs.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -16,22 +22,41 @@ from pathlib import Path
 import jinja2
 import numpy as np
 
+from pipeline.evaluation.latent_choice import RANDOM
 from pipeline.evaluation.latent_details import Context, LatentDetail
-from pipeline.evaluation.report import layer_number
+from pipeline.evaluation.report import (
+    DETAIL_PLOTS,
+    INDEX_PLOTS,
+    PROBE_K,
+    Group,
+    draw_plots,
+    group_runs,
+    layer_number,
+    read_rows,
+)
 from pipeline.evaluation.results import COMPARE_COLUMNS
 from pipeline.evaluation.run_metrics import HIST_EDGES
 from pipeline.paths import ReportPaths
 
+INDEX_TITLE = "fmxcoders evaluation"
+DETAILS = "details.html"  # beside index.html
 # Summary keys that are bookkeeping, not metrics: never shown as extra columns.
 HIDDEN_KEYS = {"run_dir", "report", "layers", "judge", "judge_rated", "features", "step"}
 PLOT_TITLES = {
+    "verdict": "Verdict",
     "fvu_per_layer": "Reconstruction per layer",
-    "l0_fvu": "L0 against FVU across variants",
-    "training": "Training curves (metrics.jsonl)",
+    "probing_f1": "Sparse probing F1 against k",
+    "l0_fvu": "L0 against FVU",
     "neff_hist": "Functional coherence (N_eff)",
     "spread": "Decoder spread against functional spread",
-    "probing_f1": "Sparse probing F1 against k",
+    "trajectories": "Trajectory statistics",
+    "training": "Training curves",
 }
+
+
+def slug(name: str) -> str:
+    """A run name as a directory name (the evaluate stage's rule for latent pages)."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
 
 
 @cache
@@ -243,19 +268,22 @@ def _latent_row(d: LatentDetail, slug: str) -> dict:
     }
 
 
-def _latent_lists(details: dict[str, list[LatentDetail]], slugs: dict[str, str]) -> list[dict]:
-    out = []
+def _latent_lists(
+    details: dict[str, list[LatentDetail]], slugs: dict[str, str], groups: list[Group]
+) -> list[dict]:
+    """Per variant (its seeds, then its controls): each run's chosen latents by reason."""
+    variant_of = {name: g.variant for g in groups for name in g.names}
+    out: dict[str, dict] = {}
     for name, items in details.items():
-        groups: dict[str, list[dict]] = {}
+        entry = out.setdefault(variant_of.get(name, name), {"runs": [], "count": 0})
+        groups_of_run: dict[str, list[dict]] = {}
         for d in items:
-            groups.setdefault(d.chosen_by, []).append(_latent_row(d, slugs[name]))
-        out.append(
-            {
-                "name": name,
-                "groups": [{"label": k, "rows": v} for k, v in groups.items()],
-            }
+            groups_of_run.setdefault(d.chosen_by, []).append(_latent_row(d, slugs[name]))
+        entry["runs"].append(
+            {"name": name, "groups": [{"label": k, "rows": v} for k, v in groups_of_run.items()]}
         )
-    return out
+        entry["count"] += len(items)
+    return [{"name": variant, **entry} for variant, entry in out.items()]
 
 
 def logits_skipped_reason(meta: dict) -> str:
@@ -265,42 +293,141 @@ def logits_skipped_reason(meta: dict) -> str:
     return f"the model was not loaded ({why}), so its unembedding is not available."
 
 
-def index_page(root: Path, summaries, baselines, meta, plots, details, slugs) -> str:
+# The seed-aggregated tables: key, title, format spec (of mean and sd alike). Diagnostics
+# (dead and dense shares, masking fragility, probe F1 per task and k) are on the details page.
+AGGREGATE_COLUMNS = (
+    ("parameters", "parameters", "M"),  # millions
+    ("l0", "L0", ".1f"),
+    ("fvu", "FVU", ".3f"),
+    ("mse", "MSE", ".3g"),
+    ("probe_f1", f"probe F1@{PROBE_K}", ".3f"),
+    ("fc", "N_eff", ".2f"),
+    ("d_eff", "D_eff", ".2f"),
+    ("coherent", "coherent", ".2f"),
+    ("ce_score", "CE score", ".3f"),
+)
+
+
+def _mean_sd_cell(group: Group, key: str, spec: str) -> str:
+    """``mean ± sd`` over seeds; the sd left out when it is 0 (one seed, or a column equal
+    by construction such as the parameter count)."""
+    mean, sd = group.mean_sd(key)
+    if not math.isfinite(mean):
+        return "-"
+    show = (lambda v: f"{v / 1e6:.2f}M") if spec == "M" else (lambda v: f"{v:{spec}}")
+    return show(mean) + (f" ± {show(sd)}" if sd > 0 else "")
+
+
+def aggregate_table(groups: list[Group]) -> dict:
+    """One row per variant and role: mean ± sd over seeds of the columns some row has."""
+    columns = [
+        (key, title, spec)
+        for key, title, spec in AGGREGATE_COLUMNS
+        if any(math.isfinite(g.mean_sd(key)[0]) for g in groups)
+    ]
+    return {
+        "titles": [title for _, title, _ in columns],
+        "roles": len({g.role for g in groups}) > 1,
+        "rows": [
+            {
+                "variant": g.variant,
+                "kind": g.kind,
+                "role": g.role,
+                "seeds": len(g.runs),
+                "cells": [_mean_sd_cell(g, key, spec) for key, _, spec in columns],
+            }
+            for g in groups
+        ],
+    }
+
+
+def per_run_table(summaries: list[dict], baselines: list[dict]) -> dict:
+    """The per-run comparison (every column the rows carry), for the details page."""
     rows = [*summaries, *baselines]
     columns = columns_present(rows)
+    return {
+        "columns": columns,
+        "rows": [
+            {
+                "baseline": row.get("kind") == "baseline",
+                "cells": [(_cell(row, col), col) for col in columns],
+            }
+            for row in rows
+        ],
+    }
+
+
+def _plots(plots: dict[str, Path], names: tuple[str, ...], root: Path) -> list[dict]:
+    return [
+        {
+            "name": name,
+            "title": PLOT_TITLES.get(name, name),
+            "src": Path(os.path.relpath(plots[name], root)).as_posix(),
+        }
+        for name in names
+        if name in plots
+    ]
+
+
+def _header(meta: dict) -> dict:
     tasks, model = meta["probe_tasks"], meta["model"]
+    return {
+        "store": meta["store"],
+        "model": str(model.get("name") or model.get("source")),
+        "n_eval_tokens": int(meta["n_eval_tokens"]),
+        "judge": meta["options"]["judge"],
+        "splice": meta["splice"],
+        "token_tasks": ", ".join(tasks["token"]),
+        "n_sequence": len(tasks["sequence"]),
+        "n_dropped": len(tasks["dropped"]),
+    }
+
+
+def index_page(root: Path, summary: dict, plots, latent_lists: list[dict]) -> str:
+    """The comparison: the verdict figure first, then the seed-aggregated tables."""
+    groups = group_runs(summary["variants"] + summary.get("baselines", []))
+    trained = [g for g in groups if g.role == "trained"]
+    others = [g for g in groups if g.role != "trained"]
+    seeds = max((len(g.runs) for g in trained), default=0)
     return (
         environment()
         .get_template("index.html")
         .render(
-            title="fmxcoders evaluation",
-            store=meta["store"],
-            model=str(model.get("name") or model.get("source")),
-            n_eval_tokens=int(meta["n_eval_tokens"]),
-            judge=meta["options"]["judge"],
-            splice=meta["splice"],
-            token_tasks=", ".join(tasks["token"]),
-            n_sequence=len(tasks["sequence"]),
-            n_dropped=len(tasks["dropped"]),
-            columns=columns,
-            rows=[
-                {
-                    "baseline": row.get("kind") == "baseline",
-                    "cells": [(_cell(row, col), col) for col in columns],
-                }
-                for row in rows
-            ],
-            plots=[
-                {
-                    "title": PLOT_TITLES.get(name, name),
-                    "src": Path(os.path.relpath(path, root)).as_posix(),
-                }
-                for name, path in plots.items()
-            ],
-            latent_lists=_latent_lists(details, slugs),
-            recovery=_recovery(meta),
+            title=INDEX_TITLE,
+            seeds=seeds,
+            probe_k=PROBE_K,
+            n_runs=len(summary["variants"]),
+            trained=aggregate_table(trained),
+            others=aggregate_table(others),
+            verdict=_plots(plots, ("verdict",), root),
+            plots=_plots(plots, INDEX_PLOTS[1:], root),
+            latent_lists=latent_lists,
+            recovery=_recovery(summary),
+            **_header(summary),
         )
     )
+
+
+def details_page(root: Path, summary: dict, plots) -> str:
+    """Every run on its own row, and the diagnostic figures."""
+    return (
+        environment()
+        .get_template("details.html")
+        .render(
+            title=f"{INDEX_TITLE}: per-run details",
+            table=per_run_table(summary["variants"], summary.get("baselines", [])),
+            plots=_plots(plots, DETAIL_PLOTS, root),
+            **_header(summary),
+        )
+    )
+
+
+def _write_pages(paths: ReportPaths, plots: dict[str, Path], latent_lists: list[dict]) -> Path:
+    summary = json.loads(paths.summary.read_text())
+    details = paths.root / DETAILS
+    details.write_text(details_page(paths.root, summary, plots), encoding="utf-8")
+    paths.index.write_text(index_page(paths.root, summary, plots, latent_lists), encoding="utf-8")
+    return paths.index
 
 
 def write(
@@ -313,14 +440,56 @@ def write(
     hooks_of: dict[str, list[str]],
     slugs: dict[str, str],
 ) -> Path:
+    """Every chosen latent's page, then the index and details pages (from the saved
+    ``results.json``, which holds ``summaries``, ``baselines`` and ``meta``)."""
     skipped = logits_skipped_reason(meta)
     for name, items in details.items():
         for d in items:
             page = paths.latent_page(slugs[name], d.latent)
             page.parent.mkdir(parents=True, exist_ok=True)
             page.write_text(latent_page(d, hooks_of[name], skipped), encoding="utf-8")
-    paths.index.write_text(
-        index_page(paths.root, summaries, baselines, meta, plots, details, slugs),
-        encoding="utf-8",
-    )
-    return paths.index
+    groups = group_runs([*summaries, *baselines])
+    return _write_pages(paths, plots, _latent_lists(details, slugs, groups))
+
+
+def saved_latent_lists(paths: ReportPaths, summary: dict) -> list[dict]:
+    """The sampled latents of each run (``sampled.parquet``), for a report redrawn without
+    its runs: the top picks are not saved, and pages link where the evaluation wrote them."""
+    groups = group_runs(summary["variants"])
+    variant_of = {name: g.variant for g in groups for name in g.names}
+    out: dict[str, dict] = {}
+    for row in read_rows(paths.table("sampled")):
+        name = row["variant"]
+        entry = out.setdefault(variant_of.get(name, name), {"runs": {}, "count": 0})
+        runs = entry["runs"].setdefault(name, [])
+        runs.append(
+            {
+                "href": f"latents/{slug(name)}/{row['latent']}.html",
+                "latent": row["latent"],
+                "purity": _fmt(row["purity"], "{:.2f}"),
+                "rating": "-" if row["rating"] is None else str(row["rating"]),
+                "fc": _fmt(row["fc"], "{:.2f}"),
+                "d_eff": _fmt(row["d_eff"], "{:.2f}"),
+                "first": (row["contexts"][0] if row["contexts"] else "")[:120],
+            }
+        )
+        entry["count"] += 1
+    return [
+        {
+            "name": variant,
+            "count": entry["count"],
+            "runs": [
+                {"name": name, "groups": [{"label": RANDOM, "rows": rows}]}
+                for name, rows in entry["runs"].items()
+            ],
+        }
+        for variant, entry in out.items()
+    ]
+
+
+def rerender(paths: ReportPaths) -> Path:
+    """Redraw a report's figures and pages from its saved tables alone (no runs, no
+    store): what ``pipeline report`` does to an older or committed report."""
+    plots = draw_plots(paths)
+    summary = json.loads(paths.summary.read_text())
+    return _write_pages(paths, plots, saved_latent_lists(paths, summary))
