@@ -791,7 +791,12 @@ def _collate_experiments(dirs: tuple[Path, ...]) -> list:
 @user_errors
 def collate_families(results_dirs: tuple[Path, ...], out: Path) -> None:
     """Planted recovery per drift family: one planted experiment per family, each variant's
-    share of true features recovered per kind (single, spanning, co-occurring) and its FVU."""
+    share of true features recovered per kind (single, spanning, co-occurring) and its FVU.
+
+    \b
+    Example:
+      pipeline collate families results/planted results/planted/planted-* --out results/planted
+    """
     from pipeline.experiment import collate
 
     rows = collate.family_recovery(_collate_experiments(results_dirs))
@@ -809,7 +814,12 @@ def collate_families(results_dirs: tuple[Path, ...], out: Path) -> None:
 def collate_trend(results_dirs: tuple[Path, ...], out: Path) -> None:
     """fmxcoder vs crosscoder (same latents, same parameters) against training tokens:
     MSE ratio and probe-F1 difference, paired by seed, from experiments that differ in
-    their training budget."""
+    their training budget.
+
+    \b
+    Example:
+      pipeline collate trend results/scale/scale-* --out results/scale
+    """
     from pipeline.experiment import collate
 
     rows = collate.scale_trend(_collate_experiments(results_dirs))
