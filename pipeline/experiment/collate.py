@@ -25,11 +25,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from pipeline.experiment.results_table import paper_table, recovery_table
+from pipeline.experiment.results_table import (
+    RECOVERY_KINDS,
+    aggregate,
+    paper_table,
+    recovery_table,
+)
 from pipeline.manifests.io import read_mapping
 from pipeline.paths import ExperimentPaths
 
-RECOVERY_KINDS = ("single", "spanning", "cooccurring")
+RECOVERY_COLUMNS = ("mmcs", "recovered", *(f"recovered_{k}" for k in RECOVERY_KINDS))
 # A crosscoder counts as parameter-matched to an fmxcoder within this relative difference
 # (the matched variants round their latent count, e.g. 209 latents for 2.41M parameters).
 PARAMETER_MATCH = 0.05
@@ -101,30 +106,19 @@ def family_recovery(experiments: list[Experiment]) -> list[dict]:
     seeds, and the variant's FVU on that family (same seeds)."""
     rows = []
     for exp in experiments:
-        fvu = {(r["variant"], r["role"]): r for r in _aggregate_fvu(paper_table(exp.summary))}
-        order = list(dict.fromkeys(r["variant"] for r in paper_table(exp.summary)))
+        runs = paper_table(exp.summary)
+        fvu = {(r["variant"], r["role"]): r for r in aggregate(runs)}
+        order = list(dict.fromkeys(r["variant"] for r in runs))
         recovery = sorted(recovery_table(exp.summary), key=lambda r: order.index(r["variant"]))
         for row in recovery:
             out = {"family": exp.drift, "experiment": exp.name}
             out |= {"variant": row["variant"], "role": row["role"], "seeds": row["seeds"]}
-            for key in ("mmcs", "recovered", *(f"recovered_{k}" for k in RECOVERY_KINDS)):
-                sd = row.get(f"{key}_sd") if row["seeds"] > 1 else math.nan  # no spread
-                out[key], out[f"{key}_sd"] = row.get(key), sd
             f = fvu.get((row["variant"], row["role"]), {})
-            out["fvu"], out["fvu_sd"] = f.get("fvu", math.nan), f.get("fvu_sd", math.nan)
+            for key, source in (*((k, row) for k in RECOVERY_COLUMNS), ("fvu", f)):
+                sd = source.get(f"{key}_sd", math.nan) if row["seeds"] > 1 else math.nan
+                out[key], out[f"{key}_sd"] = source.get(key, math.nan), sd  # one seed: no spread
             rows.append(out)
     return rows
-
-
-def _aggregate_fvu(runs: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[float]] = {}
-    for r in runs:
-        groups.setdefault((r["variant"], r["role"]), []).append(r["fvu"])
-    out = []
-    for (variant, role), values in groups.items():
-        mean, sd, _ = _mean_sd(values)
-        out.append({"variant": variant, "role": role, "fvu": mean, "fvu_sd": sd})
-    return out
 
 
 def render_families(rows: list[dict]) -> str:
