@@ -9,10 +9,11 @@ Real activations: SmolLM2-135M over the packaged Wikipedia summaries, the cpu-la
 data dir's cache when present). The 8-bit stores are ``pipeline convert``-ed from a copy in
 a temporary cache root; a harvest per dtype (same tokens, ``--harvest-tokens`` per round)
 is timed against the bare forward. Downstream: a crosscoder and the default fmxcoder
-(cpu-large's settings but ``--latents`` latents and ``--steps`` steps: scaled down to fit a
-shared 2-core session) trained on each store with the same seeds, lr and steps, all
-evaluated on the bf16 store's test split: FVU per layer in raw units (massive tokens
-excluded as in training) and probe F1 as the evaluate stage computes it. The planted cache:
+(by default cpu-large's recipe: 1,024 latents at k 32, 512 steps of 512 tokens, each at
+the lr its sweep chose in results/cpu-large/lr_sweep.json; ``--latents``/``--steps`` scale it
+down) trained on each store with the same seeds, lr and steps, all evaluated on the bf16
+store's test split: FVU per layer in raw units (massive tokens excluded as in training)
+and probe F1 as the evaluate stage computes it. The planted cache:
 a crosscoder per dtype and seed, scored by recovery of the true features (MMCS). Every
 figure is a mean and sample sd over seeds, with the 8-bit difference from bf16.
 """
@@ -54,6 +55,10 @@ from pipeline.training.readers import ChunkDecoder, Normaliser
 from stages import convert, harvest, train
 
 REPO = Path(__file__).resolve().parent.parent
+CPU_LARGE = {"tokens": 65536, "latents": 1024, "steps": 512, "batch": 512}
+# Each coder's learning rate as results/cpu-large/lr_sweep.json chose it (validation FVU).
+CPU_LARGE_LR = {"crosscoder": 0.001, "fmxcoder": 0.003}
+PLANTED_LR = 0.001
 DTYPES = ["bfloat16", *QUANTISED]
 PARTS = ("store", "harvest", "downstream", "planted")
 MASSIVE_RATIO = 30.0  # the training default (training.outlier_norm_ratio)
@@ -222,7 +227,7 @@ def granularity_study(x: np.ndarray, massive: np.ndarray) -> dict:
 
 
 def train_variant(
-    store: ActivationStore, coder: dict, seed: int, args, runs: Path, name: str
+    store: ActivationStore, coder: dict, lr: float, seed: int, args, runs: Path, name: str
 ) -> Path:
     manifest = CoderManifest.model_validate(
         {
@@ -232,7 +237,7 @@ def train_variant(
             "training": {
                 "tokens": args.steps * args.batch,
                 "batch_size": args.batch,
-                "lr": args.lr,
+                "lr": lr,
                 "seed": seed,
                 "checkpoint_every": 10_000,
                 "log_every": 10_000,
@@ -383,13 +388,16 @@ def derive(source: ActivationStore, root: Path) -> tuple[dict, dict]:
     return stores, timing
 
 
-def train_all(stores: dict, coders: dict, args, runs: Path) -> dict[str, list[Path]]:
-    """Every coder on every store, same seeds, lr and steps: ``{coder/dtype: [run dirs]}``."""
+def train_all(
+    stores: dict, coders: dict[str, tuple[dict, float]], args, runs: Path
+) -> dict[str, list[Path]]:
+    """Every coder (config, lr) on every store, same seeds, lr and steps:
+    ``{coder/dtype: [run dirs]}``."""
     out = {}
-    for coder_name, coder in coders.items():
+    for coder_name, (coder, lr) in coders.items():
         for dtype, store in stores.items():
             out[f"{coder_name}/{dtype}"] = [
-                train_variant(store, coder, seed, args, runs, f"{coder_name}-{dtype}")
+                train_variant(store, coder, lr, seed, args, runs, f"{coder_name}-{dtype}")
                 for seed in args.seeds
             ]
             print(f"  trained {coder_name} on {dtype}", flush=True)
@@ -403,14 +411,14 @@ def per_run(runs: dict[str, list[Path]], measure) -> dict[str, dict]:
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=16384, help="store (cpu-large: 65536)")
+    parser.add_argument("--tokens", type=int, default=CPU_LARGE["tokens"], help="store size")
     parser.add_argument("--error-tokens", type=int, default=16384, help="rows for added error")
-    parser.add_argument("--harvest-tokens", type=int, default=1024, help="per harvest round")
+    parser.add_argument("--harvest-tokens", type=int, default=2048, help="per harvest round")
     parser.add_argument("--harvest-rounds", type=int, default=2)
-    parser.add_argument("--latents", type=int, default=512)
-    parser.add_argument("--steps", type=int, default=80)
-    parser.add_argument("--batch", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--latents", type=int, default=CPU_LARGE["latents"])
+    parser.add_argument("--steps", type=int, default=CPU_LARGE["steps"])
+    parser.add_argument("--batch", type=int, default=CPU_LARGE["batch"])
+    parser.add_argument("--lr", type=float, help="one lr for both coders (default: cpu-large's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--planted-steps", type=int, default=96)
     parser.add_argument(
@@ -433,16 +441,17 @@ def recipe(args: argparse.Namespace) -> dict:
         f"added error on its first {args.error_tokens}",
         "harvest": f"{args.harvest_rounds} rounds of {args.harvest_tokens} tokens: bare "
         "forward (bench/harvest.py's), then a harvest per dtype of the same tokens",
-        "coders": f"crosscoder and default fmxcoder, {args.latents} latents, k 32 "
-        f"(cpu-large: 1024), {args.steps} steps x {args.batch} tokens (cpu-large: 512 "
-        f"steps), lr {args.lr}, seeds {args.seeds}, massive tokens (>{MASSIVE_RATIO:g}x "
-        "median) dropped; scaled down to fit a shared 2-core session",
+        "coders": f"crosscoder and default fmxcoder, {args.latents} latents, k 32, "
+        f"{args.steps} steps x {args.batch} tokens, lr {learning_rates(args)}, seeds "
+        f"{args.seeds}, massive tokens (>{MASSIVE_RATIO:g}x median) dropped; "
+        + ("cpu-large's recipe" if at_cpu_large(args) else f"scaled from cpu-large's {CPU_LARGE}"),
         "evaluation": "all on the bf16 store's test split: raw-unit FVU per layer, mean over "
         "layers; probe F1 as the evaluate stage computes it (pipeline.evaluation.probe_suite, "
         f"ks {list(DEFAULT_KS)}), mean over concepts and k per run; spread: mean and sample "
         "sd (ddof 1) over seeds; within_bf16_seed_sd: |8-bit mean - bf16 mean| <= bf16 sd",
         "planted": f"manifests/harvest/planted.yaml, crosscoder 256 latents k 8, "
-        f"{args.planted_steps} steps x {args.batch}; measure: mean MMCS of true features",
+        f"{args.planted_steps} steps x {args.batch}, lr {PLANTED_LR}; "
+        "measure: mean MMCS of true features",
     }
 
 
@@ -459,10 +468,22 @@ def quality(stores: dict, x: np.ndarray) -> dict:
     }
 
 
-def coders(args: argparse.Namespace) -> dict[str, dict]:
+def at_cpu_large(args: argparse.Namespace) -> bool:
+    return all(getattr(args, name) == value for name, value in CPU_LARGE.items())
+
+
+def learning_rates(args: argparse.Namespace) -> dict[str, float]:
+    return {name: args.lr or lr for name, lr in CPU_LARGE_LR.items()}
+
+
+def coders(args: argparse.Namespace) -> dict[str, tuple[dict, float]]:
+    lr = learning_rates(args)
     return {
-        "crosscoder": {"kind": "crosscoder", "n_latents": args.latents, **TOPK32},
-        "fmxcoder": {**FMX, "n_latents": args.latents},
+        "crosscoder": (
+            {"kind": "crosscoder", "n_latents": args.latents, **TOPK32},
+            lr["crosscoder"],
+        ),
+        "fmxcoder": ({**FMX, "n_latents": args.latents}, lr["fmxcoder"]),
     }
 
 
@@ -483,7 +504,12 @@ def planted(args: argparse.Namespace, tmp: Path) -> dict:
     data = yaml.safe_load((REPO / "manifests/harvest/planted.yaml").read_text())
     source = harvest.run(HarvestManifest.model_validate(data), tmp / "planted-src")
     stores, throughput = derive(ActivationStore(source.path), tmp / "planted")
-    small = {"crosscoder": {"kind": "crosscoder", "n_latents": 256, "activation": "topk", "k": 8}}
+    small = {
+        "crosscoder": (
+            {"kind": "crosscoder", "n_latents": 256, "activation": "topk", "k": 8},
+            PLANTED_LR,
+        )
+    }
     planted_args = argparse.Namespace(**{**vars(args), "steps": args.planted_steps})
     trained = train_all(stores, small, planted_args, tmp / "planted-runs")
     truth = stores["bfloat16"]

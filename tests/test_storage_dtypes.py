@@ -12,7 +12,7 @@ import torch
 
 from pipeline.harvest.cache_key import cache_key
 from pipeline.manifests.harvest import HarvestManifest
-from pipeline.store.format import FP8_TABLE, SCALES_FILE, dequantise, quantise
+from pipeline.store.format import FP8_TABLE, SCALES_FILE, codes_float32, dequantise, quantise
 from pipeline.store.reader import ActivationStore, StoreError
 from stages import harvest
 
@@ -54,6 +54,16 @@ def test_fp8_table_is_the_ocp_e4m3fn_format():
             want = sign * (1 + mantissa / 8) * 2.0 ** (exponent - 7)
         assert FP8_TABLE[code] == want, code
     assert np.nanmax(FP8_TABLE) == 448
+
+
+@pytest.mark.parametrize("width", [576, 7])
+def test_fp8_decode_of_every_code_pair_matches_the_table(width):
+    """The two-codes-at-once lookup (even rows) and the one-code path (odd rows, strided
+    views) give FP8_TABLE's value for every code in every position."""
+    pairs = np.stack(np.meshgrid(np.arange(256), np.arange(256)), -1).reshape(-1, 2)
+    codes = np.resize(pairs.astype(np.uint8).ravel(), (2 * 65536 // width + 1, width))
+    for view in (codes, codes[:, ::2], codes[::3]):
+        assert np.array_equal(codes_float32(view, "float8_e4m3"), FP8_TABLE[view], equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", EIGHT_BIT)

@@ -61,6 +61,9 @@ SCALES_FILE = "scales.safetensors"
 SCALE_BYTES = 4
 # e4m3fn code -> float32 (0x7f and 0xff are NaN: never written, codes are clamped).
 FP8_TABLE = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float().numpy()
+# Two codes at once: little-endian uint16 ``lo + 256 * hi`` -> (value[lo], value[hi]). Half
+# the lookups from a 512 KiB table: 2.7x faster than FP8_TABLE per byte on the 2-core VM.
+FP8_PAIR_TABLE = np.stack([np.tile(FP8_TABLE, 256), np.repeat(FP8_TABLE, 256)], axis=1)
 
 
 def is_quantised(dtype: str) -> bool:
@@ -85,7 +88,11 @@ def codes_float32(codes: np.ndarray, dtype: str) -> np.ndarray:
     """8-bit codes -> their float32 values before scaling (exact: every code is a float32)."""
     if dtype == "int8":
         return codes.view(np.int8).astype(np.float32)
-    return np.take(FP8_TABLE, codes.view(np.uint8))  # 2x faster than FP8_TABLE[codes]
+    codes = codes.view(np.uint8)
+    if codes.ndim and codes.shape[-1] % 2 == 0 and codes.flags.c_contiguous:
+        pairs = np.take(FP8_PAIR_TABLE, codes.view("<u2"), axis=0)  # [..., d / 2, 2]
+        return pairs.reshape(codes.shape)
+    return np.take(FP8_TABLE, codes)  # np.take: 2x faster than FP8_TABLE[codes]
 
 
 def dequantise(codes: np.ndarray, scales: np.ndarray, dtype: str) -> np.ndarray:
