@@ -47,6 +47,7 @@ from pipeline.harvest.models import load_model
 from pipeline.harvest.text_sources import load_documents
 from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HarvestManifest
+from pipeline.paths import RunPaths
 from pipeline.store.format import FP8_TABLE, QUANTISED, SCALES_FILE, chunk_files
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
@@ -405,6 +406,23 @@ def train_all(
     return out
 
 
+def loader_records(runs: dict[str, list[Path]]) -> dict[str, dict]:
+    """Each store's loader record (``loader.json`` of its first crosscoder run): the mode,
+    bytes per token as the readers hold it and resident tokens per GiB, with the ratio."""
+    out = {}
+    for label, dirs in runs.items():
+        coder, dtype = label.split("/")
+        if coder == "crosscoder":
+            record = json.loads(RunPaths(dirs[0]).loader.read_text())
+            out[dtype] = {
+                k: record[k] for k in ("mode", "bytes_per_token", "resident_tokens_per_gib")
+            }
+    for dtype in QUANTISED:
+        ratio = out[dtype]["resident_tokens_per_gib"] / out["bfloat16"]["resident_tokens_per_gib"]
+        out[dtype]["resident_vs_bf16"] = ratio
+    return out
+
+
 def per_run(runs: dict[str, list[Path]], measure) -> dict[str, dict]:
     """``measure`` of every run, spread over seeds, against bf16."""
     return against_bf16({label: spread([measure(r) for r in dirs]) for label, dirs in runs.items()})
@@ -481,6 +499,16 @@ def markdown(result: dict) -> str:
             for d in dtypes[1:]
         ]
         row(f"convert rows/s (x: vs reading the bf16 store, {read:,.0f})", ["", *cells])
+    loader = result.get("loader")
+    if loader:
+        row(
+            "resident tokens per GiB (loader.json)",
+            [
+                f"{loader[d]['resident_tokens_per_gib']:,}"
+                + (f" ({loader[d]['resident_vs_bf16']:.2f}x)" if d in QUANTISED else "")
+                for d in dtypes
+            ],
+        )
     harvest = result.get("harvest_throughput")
     if harvest:
         row(
@@ -689,6 +717,7 @@ def main() -> None:
             phases.done("bytes, decode, added error")
         if "downstream" in args.parts:
             trained = train_all(stores, coders(args), args, tmp / "runs")
+            result["loader"] = loader_records(trained)
             phases.done("train")
             x = test_activations(stores["bfloat16"])
             result["downstream_test_fvu"] = per_run(trained, lambda run: test_fvu(run, x))
