@@ -3,6 +3,7 @@ error, and what it costs a trained coder (writes ``bench/results/storage-cpu.jso
 
     nice python bench/storage.py                    # every part
     nice python bench/storage.py --parts harvest    # or some: store harvest downstream planted
+    python bench/storage.py --table                 # the results file as the README's tables
 
 Real activations: SmolLM2-135M over the packaged Wikipedia summaries, the cpu-large layers
 (10 of 30) and ``--tokens`` tokens (at 65,536 the cpu-large cache itself, reused from the
@@ -46,6 +47,7 @@ from pipeline.harvest.models import load_model
 from pipeline.harvest.text_sources import load_documents
 from pipeline.harvest.windows import build_windows
 from pipeline.manifests.harvest import HarvestManifest
+from pipeline.paths import RunPaths
 from pipeline.store.format import FP8_TABLE, QUANTISED, SCALES_FILE, chunk_files
 from pipeline.store.outliers import excluded_rows, outlier_scan
 from pipeline.store.reader import ActivationStore
@@ -404,9 +406,143 @@ def train_all(
     return out
 
 
+def loader_records(runs: dict[str, list[Path]]) -> dict[str, dict]:
+    """Each store's loader record (``loader.json`` of its first crosscoder run): the mode,
+    bytes per token as the readers hold it and resident tokens per GiB, with the ratio."""
+    out = {}
+    for label, dirs in runs.items():
+        coder, dtype = label.split("/")
+        if coder == "crosscoder":
+            record = json.loads(RunPaths(dirs[0]).loader.read_text())
+            out[dtype] = {
+                k: record[k] for k in ("mode", "bytes_per_token", "resident_tokens_per_gib")
+            }
+    for dtype in QUANTISED:
+        ratio = out[dtype]["resident_tokens_per_gib"] / out["bfloat16"]["resident_tokens_per_gib"]
+        out[dtype]["resident_vs_bf16"] = ratio
+    return out
+
+
 def per_run(runs: dict[str, list[Path]], measure) -> dict[str, dict]:
     """``measure`` of every run, spread over seeds, against bf16."""
     return against_bf16({label: spread([measure(r) for r in dirs]) for label, dirs in runs.items()})
+
+
+def paired(entry: dict, base: dict, relative: bool) -> tuple[float, float]:
+    """Mean and sample sd of the per-seed differences from bf16 (same seed: same init and
+    batch order, only the store differs), relative to the bf16 mean if ``relative``."""
+    diffs = np.array(entry["values"]) - np.array(base["values"])
+    diffs = diffs / base["mean"] if relative else diffs
+    return float(diffs.mean()), float(diffs.std(ddof=1)) if diffs.size > 1 else 0.0
+
+
+def _cell(entry: dict, base: dict, digits: int, relative: bool = True) -> str:
+    """``mean ± sd`` over seeds, then (8-bit) the paired difference from bf16."""
+    text = f"{entry['mean']:.{digits}f} ± {entry['sd']:.{digits}f}"
+    if entry is base:
+        return text
+    mean, sd = paired(entry, base, relative)
+    return f"{text} ({mean:+.2%} ± {sd:.2%})" if relative else f"{text} ({mean:+.3f} ± {sd:.3f})"
+
+
+def markdown(result: dict) -> str:
+    """The README's storage tables from a results file (nothing measured here)."""
+    dtypes = list(result["bytes"])
+    lines = ["| | " + " | ".join(dtypes) + " |", "|---" * (len(dtypes) + 1) + "|"]
+
+    def row(name: str, cells: list[str]) -> None:
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+
+    sizes = result["bytes"]
+    row(
+        "bytes per token-layer (chunks + scales)",
+        [
+            f"{sizes[d]['bytes_per_token_layer']:.1f}"
+            + (f" ({sizes[d]['vs_bf16']:.2f}x)" if d in QUANTISED else "")
+            for d in dtypes
+        ],
+    )
+    error = result.get("added_error", {})
+    row(
+        "added FVU, ordinary tokens, mean / max over layers",
+        [
+            "0"
+            if d not in error
+            else f"{error[d]['fvu_normal_mean']:.1e} / {error[d]['fvu_normal_max']:.1e}"
+            for d in dtypes
+        ],
+    )
+    row(
+        "relative error on massive tokens (max over layers)",
+        [
+            "0"
+            if d not in error
+            else f"{max(v for v in error[d]['relative_massive'] if v is not None):.1e}"
+            for d in dtypes
+        ],
+    )
+    decode = result["decode"]
+    row(
+        "decode rows/s (median of 5 rounds; x: median per-round ratio)",
+        [
+            f"{decode[d]['rows_per_s_median']:,.0f}"
+            + (f" ({decode[d]['vs_bf16_median']:.2f}x)" if d in QUANTISED else "")
+            for d in dtypes
+        ],
+    )
+    convert = result.get("convert_throughput")
+    if convert:
+        read = convert["read_source_rows_per_s"]
+        cells = [
+            f"{convert[f'convert_{d}_rows_per_s']:,.0f} "
+            f"({convert[f'convert_{d}_vs_read_source']:.2f}x)"
+            for d in dtypes[1:]
+        ]
+        row(f"convert rows/s (x: vs reading the bf16 store, {read:,.0f})", ["", *cells])
+    loader = result.get("loader")
+    if loader:
+        row(
+            "resident tokens per GiB (loader.json)",
+            [
+                f"{loader[d]['resident_tokens_per_gib']:,}"
+                + (f" ({loader[d]['resident_vs_bf16']:.2f}x)" if d in QUANTISED else "")
+                for d in dtypes
+            ],
+        )
+    harvest = result.get("harvest_throughput")
+    if harvest:
+        row(
+            "harvest vs bare forward (median of per-round ratios)",
+            [f"{harvest[d]['vs_bare_forward_median']:.2f}x" for d in dtypes],
+        )
+    planted = result.get("planted_recovery_mmcs")
+    if planted:
+        row(
+            "planted crosscoder MMCS of the true features",
+            [_cell(planted[f"crosscoder/{d}"], planted["crosscoder/bfloat16"], 4) for d in dtypes],
+        )
+    fvu = result.get("downstream_test_fvu")
+    if fvu:
+        probes = result.get("downstream_probe_f1", {})
+        tasks = [t for t in ("token", "sequence") if t in probes]
+        lines += [
+            "",
+            "| coder / store | test FVU | " + " | ".join(f"{t} probe F1" for t in tasks) + " |",
+            "|---" * (2 + len(tasks)) + "|",
+        ]
+        for label, entry in fvu.items():
+            base = fvu[f"{label.split('/')[0]}/bfloat16"]
+            cells = [_cell(entry, base, 4)]
+            for t in tasks:
+                task_base = probes[t][f"{label.split('/')[0]}/bfloat16"]
+                cells.append(_cell(probes[t][label], task_base, 3, relative=False))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+        lines.append(
+            "(in brackets: mean ± sd over seeds of the same-seed difference from bf16; "
+            "FVU relative to bf16's mean, F1 absolute)"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def arguments() -> argparse.Namespace:
@@ -432,6 +568,7 @@ def arguments() -> argparse.Namespace:
         "--threads", type=int, default=1, help="torch threads (0: default; 1: see bench/harvest.py)"
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/storage-cpu.json")
+    parser.add_argument("--table", action="store_true", help="print --out as markdown; run nothing")
     return parser.parse_args()
 
 
@@ -550,6 +687,9 @@ def store_part(stores: dict, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     args = arguments()
+    if args.table:
+        print(markdown(json.loads(args.out.read_text())), end="")
+        return
     if args.threads:  # one thread: a shared CPU stalls torch's OpenMP team at every barrier
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -577,6 +717,7 @@ def main() -> None:
             phases.done("bytes, decode, added error")
         if "downstream" in args.parts:
             trained = train_all(stores, coders(args), args, tmp / "runs")
+            result["loader"] = loader_records(trained)
             phases.done("train")
             x = test_activations(stores["bfloat16"])
             result["downstream_test_fvu"] = per_run(trained, lambda run: test_fvu(run, x))

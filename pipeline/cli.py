@@ -476,7 +476,8 @@ def report_command(results: Path) -> None:
     """Redraw a report's figures and pages from its saved tables (no runs, no cache).
 
     RESULTS is a report directory (it holds results.json) or an experiment's results
-    directory (its report/).
+    directory (its report/; its protocol.json then labels the runs, so that a report
+    evaluated before runs were labelled folds seeds all the same).
 
     \b
     Example:
@@ -485,10 +486,13 @@ def report_command(results: Path) -> None:
     from pipeline.evaluation.html_report import rerender
     from pipeline.paths import ExperimentPaths, ReportPaths
 
-    root = results if (results / "results.json").is_file() else ExperimentPaths(results).report
+    experiment = ExperimentPaths(results)
+    root = results if (results / "results.json").is_file() else experiment.report
     if not (root / "results.json").is_file():
         raise FileNotFoundError(f"{results}: no results.json here or in its report/")
-    click.echo(rerender(ReportPaths(root)))
+    protocol = experiment.protocol_labels
+    labels = json.loads(protocol.read_text()) if root != results and protocol.is_file() else None
+    click.echo(rerender(ReportPaths(root), labels))
 
 
 @main.command(name="run")

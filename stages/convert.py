@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,16 +70,26 @@ def target_manifest(source: ActivationStore, dtype: str) -> tuple[dict, str]:
 
 
 def convert_blocks(source: ActivationStore, writer: StoreWriter, keep: torch.Tensor) -> float:
-    """Every block without a marker, read from ``source`` and written; tokens per second."""
+    """Every block without a marker, read from ``source`` and written; tokens per second.
+    The next block is read (decompressed) in a thread while this one is quantised and
+    written: two blocks in memory, the two halves' work overlapped."""
     missing = writer.missing_blocks()
     started = time.perf_counter()
     cast = TORCH_STORAGE[writer.storage.dtype]
-    rows = 0
-    for block in missing:
+
+    def read(block: int) -> torch.Tensor:
         start, stop = writer.block_rows(block)
-        stored = from_storage_numpy(source.read_stored(start, stop), source.dtype).to(cast)
-        writer.write_block(block, stored, keep[start:stop])
-        rows += stop - start
+        return from_storage_numpy(source.read_stored(start, stop), source.dtype).to(cast)
+
+    rows = 0
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        ahead = [reader.submit(read, block) for block in missing[:1]]
+        for i, block in enumerate(missing):
+            stored = ahead.pop().result()
+            ahead += [reader.submit(read, b) for b in missing[i + 1 : i + 2]]
+            start, stop = writer.block_rows(block)
+            writer.write_block(block, stored, keep[start:stop])
+            rows += stop - start
     return rows / max(time.perf_counter() - started, 1e-9)
 
 

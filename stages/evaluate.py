@@ -76,6 +76,9 @@ class EvaluateOptions:
     seed: int = 0
     device: str = "auto"
     cache_root: Path | None = None  # default: the one each run's manifest names
+    # run id -> protocol record (variant, role, seed, lr), as `pipeline run` labels its runs:
+    # the report folds seeds by them. None: each run is a variant of its own.
+    labels: dict[str, dict] | None = None
     progress: bool = True
 
 
@@ -317,6 +320,8 @@ def _write(
             by_k,
             m.splices.get(name),
         )
+        if options.labels:
+            summary["protocol"] = options.labels.get(summary["run_dir"])
         if name in m.intervals:
             summary["bootstrap"] = m.intervals[name]
         if truth is not None:

@@ -159,6 +159,7 @@ def run(
     evaluated = [i for i, p in enumerate(planned) if p.role in ("trained", "control")]
     eval_dirs = [run_dirs[i] for i in evaluated]
     report = ReportPaths(paths.report)
+    labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
     options = evaluate.EvaluateOptions(
         judge=experiment.evaluation.judge,
         latents_sampled=experiment.evaluation.latents_sampled,
@@ -166,6 +167,7 @@ def run(
         splice=experiment.evaluation.splice,
         splice_off_by="evaluation.splice: false in the experiment manifest",
         device=device or "auto",
+        labels=labels,
     )
     stale = stale_reason(report, evaluate.expected_provenance(eval_dirs, options))
     if stale is None:
@@ -175,7 +177,6 @@ def run(
         evaluate.run(eval_dirs, paths.report, options)
 
     summary = json.loads(report.summary.read_text())
-    labels = {run_id(run_dirs[i]): planned[i].label() for i in evaluated}
     atomic_write_json(paths.protocol_labels, labels)  # read by `pipeline collate`
     costs = {run_id(run_dirs[i]): run_cost(run_dirs[i]) for i in evaluated}
     for row in summary["variants"]:

@@ -103,6 +103,20 @@ def test_cluster_harvest_equals_single_process(cluster, tiny_manifest, tiny_stor
     assert again.cache_hit
 
 
+def test_cluster_harvest_refuses_up_front_when_the_store_cannot_fit(
+    cluster, tiny_manifest, tmp_path, monkeypatch
+):
+    """The coordinator checks the disk before any worker writes (a shared store root)."""
+    import shutil
+
+    from pipeline.store.writer import DiskFullError
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 1000))
+    with pytest.raises(DiskFullError, match=r"this harvest \(uncompressed upper bound\) needs"):
+        harvest.run(tiny_manifest(), tmp_path, scheduler=cluster.scheduler_address)
+    assert not list(tmp_path.rglob("*.zarr")) and not list(tmp_path.rglob("zarr.json"))
+
+
 def test_killed_worker_is_retried_to_an_identical_store(
     cluster, tiny_manifest, tiny_store, tmp_path
 ):

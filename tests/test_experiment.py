@@ -50,6 +50,12 @@ def test_tiny_experiment_end_to_end_then_resumes_without_work(monkeypatch, tmp_p
     for name in names:
         assert (result.results / name).is_file(), name
     assert "floor FVU" in (result.results / "table.md").read_text()
+    # the report folds runs by the labels the evaluation recorded: one row per variant
+    runs = json.loads((result.results / "report" / "results.json").read_text())["variants"]
+    labels = {(p["variant"], p["role"], p["seed"]) for p in (r["protocol"] for r in runs)}
+    assert ("fmxcoder", "trained", 1) in labels and ("crosscoder", "control", 0) in labels
+    index = (result.results / "report" / "index.html").read_text()
+    assert index.split("<h2>Variants</h2>")[1].split("</table>")[0].count("<tr") == 1 + 3
     summary = (result.results / "report" / "results.json").stat().st_mtime_ns
 
     import stages.evaluate

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.evaluation import html_report
-from pipeline.evaluation.report import group_runs, layout_path, run_label
+from pipeline.evaluation.report import group_runs, layout_path, run_labels
 from pipeline.evaluation.results import write_report_tables
 from pipeline.paths import ReportPaths
 
@@ -24,11 +24,16 @@ KINDS = ("per_layer_sae", "crosscoder", "crosscoder", "fmxcoder", "fmxcoder", "f
 
 
 def _run(variant: str, kind: str, seed: int, control: bool, rng) -> dict:
-    """One summary row named the way the protocol names runs."""
-    name = f"{variant}{' untrained' if control else ''} s{seed}"
+    """One summary row named and labelled as ``pipeline run`` names and labels its runs:
+    seed 0's trained run is the lr sweep's, reused, so its name holds its lr, not a seed."""
+    name = f"{variant} untrained s{seed}" if control else f"{variant} s{seed}"
+    name = f"{variant} lr=0.001" if seed == 0 and not control else name
+    role = "control" if control else "trained"
+    protocol = {"variant": variant, "role": role, "seed": seed, "lr": None if control else 1e-3}
     f1 = rng.uniform(0.6, 0.8)
     return {
         "variant": name, "kind": kind, "step": 0 if control else 512, "run_dir": f"c/{name}",
+        "protocol": protocol,
         "n_latents": 1024, "parameters": 2_000_000, "l0": 32.0,
         "layers": ",".join(f"blocks.{i}.hook_resid_post" for i in LAYERS),
         "fvu": rng.uniform(0.9, 1.0) if control else rng.uniform(0.2, 0.3),
@@ -72,10 +77,12 @@ def _long_tables(rows: list[dict], rng) -> dict[str, list[dict]]:
             "sampled": sampled, "training": training}  # fmt: skip
 
 
-def synthetic_report(root: Path, n_variants: int, seeds: int) -> ReportPaths:
+def synthetic_report(root: Path, n_variants: int, seeds: int, labelled: bool = True) -> ReportPaths:
     """A report directory as an evaluation of a protocol leaves it: ``n_variants`` variants
     x ``seeds`` seeds, an untrained control per seed, the residual and best-layer SAE
-    baselines; plausible random numbers, no runs behind them."""
+    baselines; plausible random numbers, no runs behind them. ``labelled=False``: as an
+    evaluation before runs were labelled left it (the labels go to ``protocol.json`` in
+    the directory above, as ``pipeline run`` writes them)."""
     rng = np.random.default_rng(0)
     variants = [(f"variant-{i}", KINDS[i % len(KINDS)]) for i in range(n_variants)]
     rows = [
@@ -89,9 +96,9 @@ def synthetic_report(root: Path, n_variants: int, seeds: int) -> ReportPaths:
     baselines = [{"variant": "residual", "kind": "baseline", "features": residual,
                   "token_f1_k5": 0.75, "sequence_f1_k5": 0.6}]  # fmt: skip
     baselines += [
-        {"variant": f"variant-0 s{seed} (best layer)", "kind": "baseline", "features": residual,
+        {"variant": f"{row['variant']} (best layer)", "kind": "baseline", "features": residual,
          "token_f1_k5": 0.7, "sequence_f1_k5": 0.55}
-        for seed in range(seeds)
+        for row in rows if row["protocol"]["variant"] == "variant-0"
     ]  # fmt: skip
     meta = {
         "store": "synthetic", "model": {"name": "none"}, "n_eval_tokens": 4096,
@@ -100,39 +107,50 @@ def synthetic_report(root: Path, n_variants: int, seeds: int) -> ReportPaths:
     }  # fmt: skip
     paths = ReportPaths(root)
     tables = _long_tables(rows, rng)
+    if not labelled:
+        labels = {row["run_dir"]: row.pop("protocol") for row in rows}
+        root.parent.mkdir(parents=True, exist_ok=True)
+        (root.parent / "protocol.json").write_text(json.dumps(labels))
     write_report_tables(paths, {"variants": rows, "baselines": baselines, **meta}, tables)
     return paths
 
 
-PROTOCOL = {"variant": "y", "role": "trained", "seed": 2}  # what `pipeline run` attaches
+def _label(variant: str, role: str, seed: int) -> dict:
+    return {"variant": variant, "role": role, "seed": seed}  # what `pipeline run` records
 
 
-def test_runs_fold_by_the_protocol_names() -> None:
+def test_runs_fold_by_their_protocol_labels_never_by_their_names() -> None:
     rows = [
-        {"variant": "fmxcoder", "kind": "fmxcoder", "step": 512},  # one seed: no suffix
-        {"variant": "fmxcoder s1", "kind": "fmxcoder", "step": 512},
-        {"variant": "fmxcoder untrained s1", "kind": "fmxcoder", "step": 0},
-        {"variant": "odd-name", "kind": "crosscoder", "step": 0},  # zero steps: a control
-        {"variant": "fmxcoder s1 (best layer)", "kind": "baseline"},
-        {"variant": "fmxcoder untrained s1 (best layer)", "kind": "baseline"},
+        # seed 0 reused from the lr sweep: its name holds the lr, its label the seed
+        {"variant": "fmx lr=0.003", "kind": "fmxcoder", "step": 9,
+         "protocol": _label("fmx", "trained", 0)},
+        {"variant": "fmx s1", "kind": "fmxcoder", "step": 9,
+         "protocol": _label("fmx", "trained", 1)},
+        {"variant": "fmx untrained s1", "kind": "fmxcoder", "step": 0,
+         "protocol": _label("fmx", "control", 1)},
+        {"variant": "mine s2", "kind": "crosscoder", "step": 9},  # unlabelled: its own variant
+        {"variant": "zero untrained", "kind": "crosscoder", "step": 0},  # zero steps: a control
+        {"variant": "fmx s1 (best layer)", "kind": "baseline"},
+        {"variant": "fmx untrained s1 (best layer)", "kind": "baseline"},
+        {"variant": "mine s2 (best layer)", "kind": "baseline"},
         {"variant": "residual", "kind": "baseline"},
-        {"variant": "x s2", "kind": "crosscoder", "step": 9, "protocol": PROTOCOL},
-    ]
-    labels = [(lb.variant, lb.role, lb.seed) for lb in map(run_label, rows)]
+    ]  # fmt: skip
+    labels = [(lb.variant, lb.role, lb.seed) for lb in run_labels(rows)]
     assert labels == [
-        ("fmxcoder", "trained", 0),
-        ("fmxcoder", "trained", 1),
-        ("fmxcoder", "control", 1),
-        ("odd-name", "control", 0),
-        ("fmxcoder (best layer)", "baseline", 1),
-        ("fmxcoder untrained (best layer)", "baseline", 1),
+        ("fmx", "trained", 0),
+        ("fmx", "trained", 1),
+        ("fmx", "control", 1),
+        ("mine s2", "trained", None),
+        ("zero untrained", "control", None),
+        ("fmx (best layer)", "baseline", 1),
+        ("fmx untrained (best layer)", "baseline", 1),
+        ("mine s2 (best layer)", "baseline", None),
         ("residual", "baseline", None),
-        ("y", "trained", 2),
     ]
     groups = group_runs(rows[:3])
     assert [(g.variant, g.role, len(g.runs)) for g in groups] == [
-        ("fmxcoder", "trained", 2),
-        ("fmxcoder", "control", 1),
+        ("fmx", "trained", 2),
+        ("fmx", "control", 1),
     ]
 
 
@@ -147,7 +165,7 @@ def test_rerender_opens_on_the_verdict_with_one_row_per_variant(tmp_path: Path) 
     assert variants_table.count("<tr") == 1 + 3  # header and one row per trained variant
     assert "± " in variants_table  # mean ± sd over the 2 seeds
     details = (paths.root / "details.html").read_text()
-    for run in ("variant-2 s1", "variant-2 untrained s1", "residual"):
+    for run in ("variant-2 lr=0.001", "variant-2 s1", "variant-2 untrained s1", "residual"):
         assert f">{run}<" in details, run
     links = set(re.findall(r'(?:href|src)="([^"]+)"', index))
     assert "details.html" in links and "latents/variant-0-s1/3.html" in links
@@ -156,11 +174,20 @@ def test_rerender_opens_on_the_verdict_with_one_row_per_variant(tmp_path: Path) 
         assert layout["axes"], png.name
 
 
+def _variants_rows(index: Path) -> int:
+    return index.read_text().split("<h2>Variants</h2>")[1].split("</table>")[0].count("<tr") - 1
+
+
 def test_cli_report_redraws_a_results_directory(tmp_path: Path) -> None:
-    synthetic_report(tmp_path / "exp" / "report", 2, 2)
+    synthetic_report(tmp_path / "exp" / "report", 2, 2, labelled=False)
     result = CliRunner().invoke(main, ["report", str(tmp_path / "exp")])
     assert result.exit_code == 0, result.output
     assert result.output.strip().endswith(str(tmp_path / "exp" / "report" / "index.html"))
     assert (tmp_path / "exp" / "report" / "plots" / "verdict.png").is_file()
+    # results.json has no labels: the experiment's protocol.json folds the seeds
+    assert _variants_rows(tmp_path / "exp" / "report" / "index.html") == 2
+    bare = CliRunner().invoke(main, ["report", str(tmp_path / "exp" / "report")])
+    assert bare.exit_code == 0, bare.output  # the report alone: every run its own variant
+    assert _variants_rows(tmp_path / "exp" / "report" / "index.html") == 2 * 2
     missing = CliRunner().invoke(main, ["report", str(tmp_path / "nothing")])
     assert missing.exit_code != 0 and "results.json" in missing.output

@@ -11,7 +11,6 @@ tables, so ``rerender`` rebuilds them without the runs.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -33,6 +32,7 @@ from pipeline.evaluation.report import (
     group_runs,
     layer_number,
     read_rows,
+    read_summary,
 )
 from pipeline.evaluation.results import COMPARE_COLUMNS
 from pipeline.evaluation.run_metrics import HIST_EDGES
@@ -422,8 +422,9 @@ def details_page(root: Path, summary: dict, plots) -> str:
     )
 
 
-def _write_pages(paths: ReportPaths, plots: dict[str, Path], latent_lists: list[dict]) -> Path:
-    summary = json.loads(paths.summary.read_text())
+def _write_pages(
+    paths: ReportPaths, summary: dict, plots: dict[str, Path], latent_lists: list[dict]
+) -> Path:
     details = paths.root / DETAILS
     details.write_text(details_page(paths.root, summary, plots), encoding="utf-8")
     paths.index.write_text(index_page(paths.root, summary, plots, latent_lists), encoding="utf-8")
@@ -449,7 +450,8 @@ def write(
             page.parent.mkdir(parents=True, exist_ok=True)
             page.write_text(latent_page(d, hooks_of[name], skipped), encoding="utf-8")
     groups = group_runs([*summaries, *baselines])
-    return _write_pages(paths, plots, _latent_lists(details, slugs, groups))
+    summary = read_summary(paths)
+    return _write_pages(paths, summary, plots, _latent_lists(details, slugs, groups))
 
 
 def saved_latent_lists(paths: ReportPaths, summary: dict) -> list[dict]:
@@ -487,9 +489,11 @@ def saved_latent_lists(paths: ReportPaths, summary: dict) -> list[dict]:
     ]
 
 
-def rerender(paths: ReportPaths) -> Path:
+def rerender(paths: ReportPaths, labels: dict[str, dict] | None = None) -> Path:
     """Redraw a report's figures and pages from its saved tables alone (no runs, no
-    store): what ``pipeline report`` does to an older or committed report."""
-    plots = draw_plots(paths)
-    summary = json.loads(paths.summary.read_text())
-    return _write_pages(paths, plots, saved_latent_lists(paths, summary))
+    store): what ``pipeline report`` does to an older or committed report. ``labels``:
+    the runs' protocol records (``protocol.json``) for a report evaluated before
+    ``pipeline run`` recorded them in ``results.json``."""
+    plots = draw_plots(paths, labels)
+    summary = read_summary(paths, labels)
+    return _write_pages(paths, summary, plots, saved_latent_lists(paths, summary))

@@ -1,7 +1,8 @@
 """The report's plots (matplotlib, Agg), drawn from the saved report tables alone
 (``results.json`` and the Parquet tables), so that ``pipeline report`` redraws a committed
-report without its runs. Runs are folded into variants (``run_label``): seeds of a variant
-give one mean ± sd, an untrained control sits beside its variant, never in its own curve.
+report without its runs. Runs are folded into variants by their protocol labels
+(``run_labels``; ``pipeline run`` records them): seeds of a variant give one mean ± sd, an
+untrained control sits beside its variant, never in its own curve.
 
 * ``verdict``: the paper's effects (FVU, probing F1, N_eff, coherent latents), one panel
   each, every trained variant with its untrained control: the report's first figure;
@@ -48,8 +49,6 @@ WIDE = 11.0  # inches: a full-width figure (1,210 px at DPI)
 PROBE_K = 5  # the probing budget of the report's F1 column (the table's: largest k <= 10)
 TRAINING_KEYS = ("step", "loss", "fvu", "l0", "val_fvu", "val_l0")
 BEST_LAYER = " (best layer)"
-# The protocol's run names (pipeline.experiment.protocol): "<variant>[ untrained][ s<seed>]".
-RUN_NAME = re.compile(r"^(?P<variant>.+?)(?P<untrained> untrained)?(?: s(?P<seed>\d+))?$")
 KIND_COLOURS = {"crosscoder": "C0", "fmxcoder": "C1", "per_layer_sae": "C2"}
 
 
@@ -68,23 +67,42 @@ class Label:
     seed: int | None
 
 
-def run_label(row: dict) -> Label:
-    """The ``protocol`` record ``pipeline run`` attaches, else read from the run's name and
-    step the way the protocol names runs (an untrained control has zero training steps)."""
+def _own_label(row: dict) -> Label:
+    """A run's ``protocol`` record (what ``pipeline run`` labels it), else the run alone:
+    its own variant, a control when it has zero training steps, no seed. Names are never
+    parsed: a reused sweep run is named ``<variant> lr=<lr>`` and is still seed 0."""
     protocol = row.get("protocol")
     if protocol:
         return Label(protocol["variant"], protocol["role"], protocol.get("seed"))
-    name = row["variant"]
-    if row.get("kind") == "baseline":
-        owner = name.removesuffix(BEST_LAYER)
-        if owner == name:
-            return Label(name, "baseline", None)
-        m = RUN_NAME.match(owner)
-        seed = int(m["seed"]) if m["seed"] else None
-        return Label(f"{m['variant']}{m['untrained'] or ''}{BEST_LAYER}", "baseline", seed)
-    m = RUN_NAME.match(name)
-    control = bool(m["untrained"]) or row.get("step") == 0
-    return Label(m["variant"], "control" if control else "trained", int(m["seed"] or 0))
+    return Label(row["variant"], "control" if row.get("step") == 0 else "trained", None)
+
+
+def run_labels(rows: list[dict]) -> list[Label]:
+    """Each summary row's label. A best-layer SAE baseline (``<run> (best layer)``) follows
+    the run it was chosen from: one baseline group per variant and role, that run's seed."""
+    own = {r["variant"]: _own_label(r) for r in rows if r.get("kind") != "baseline"}
+    labels = []
+    for row in rows:
+        name = row["variant"]
+        owner = own.get(name.removesuffix(BEST_LAYER)) if name.endswith(BEST_LAYER) else None
+        if row.get("kind") != "baseline":
+            labels.append(own[name])
+        elif owner is None:
+            labels.append(Label(name, "baseline", None))
+        else:
+            untrained = " untrained" if owner.role == "control" else ""
+            labels.append(Label(f"{owner.variant}{untrained}{BEST_LAYER}", "baseline", owner.seed))
+    return labels
+
+
+def read_summary(paths: ReportPaths, labels: dict[str, dict] | None = None) -> dict:
+    """``results.json``; with ``labels`` (run id -> protocol record, as ``protocol.json``
+    holds them) each run's ``protocol`` is set from them in memory, for a report evaluated
+    before its runs were labelled. The file is not rewritten."""
+    summary = json.loads(paths.summary.read_text())
+    for row in summary["variants"] if labels else []:
+        row["protocol"] = labels.get(row.get("run_dir")) or row.get("protocol")
+    return summary
 
 
 def probe_f1(row: dict, k: int = PROBE_K) -> float:
@@ -130,8 +148,7 @@ class Group:
 def group_runs(rows: list[dict]) -> list[Group]:
     """Summary rows folded by (variant, role), in the order variants first appear."""
     groups: dict[tuple[str, str], Group] = {}
-    for row in rows:
-        label = run_label(row)
+    for row, label in zip(rows, run_labels(rows), strict=True):
         key = (label.variant, label.role)
         groups.setdefault(key, Group(label.variant, label.role, row.get("kind", ""))).runs.append(
             with_derived(row)
@@ -172,8 +189,8 @@ def read_rows(path: Path) -> list[dict]:
     return pq.read_table(path).to_pylist() if path.is_file() else []
 
 
-def load_tables(paths: ReportPaths) -> Tables:
-    summary = json.loads(paths.summary.read_text())
+def load_tables(paths: ReportPaths, labels: dict[str, dict] | None = None) -> Tables:
+    summary = read_summary(paths, labels)
     rows = summary["variants"] + summary.get("baselines", [])
     return Tables(
         summary,
@@ -533,9 +550,10 @@ INDEX_PLOTS = ("verdict", "fvu_per_layer", "probing_f1", "l0_fvu", "neff_hist")
 DETAIL_PLOTS = ("spread", "trajectories", "training")
 
 
-def draw_plots(paths: ReportPaths) -> dict[str, Path]:
-    """Every figure from the saved tables of ``paths``; figures without data are left out."""
-    t = load_tables(paths)
+def draw_plots(paths: ReportPaths, labels: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Every figure from the saved tables of ``paths`` (runs labelled as ``read_summary``
+    says); figures without data are left out."""
+    t = load_tables(paths, labels)
     layers = n_layers(t)
     drawn = {
         "verdict": verdict(t.groups, layers, paths.plot("verdict")),
