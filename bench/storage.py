@@ -4,6 +4,7 @@ error, and what it costs a trained coder (writes ``bench/results/storage-cpu.jso
     nice python bench/storage.py                    # every part
     nice python bench/storage.py --parts harvest    # or some: store harvest downstream planted
     python bench/storage.py --table                 # the results file as the README's tables
+    python bench/storage.py --table --more-seeds F  # ... its downstream seeds pooled with F's
 
 Real activations: SmolLM2-135M over the packaged Wikipedia summaries, the cpu-large layers
 (10 of 30) and ``--tokens`` tokens (at 65,536 the cpu-large cache itself, reused from the
@@ -445,6 +446,26 @@ def _cell(entry: dict, base: dict, digits: int, relative: bool = True) -> str:
     return f"{text} ({mean:+.2%} ± {sd:.2%})" if relative else f"{text} ({mean:+.3f} ± {sd:.3f})"
 
 
+def pool_seeds(result: dict, more: dict) -> dict:
+    """``result`` with the downstream runs of ``more`` (the same recipe, other seeds) added
+    to each entry's seeds: spreads and bf16 differences recomputed over all of them."""
+    if more["recipe"]["coders"].split("seeds")[0] != result["recipe"]["coders"].split("seeds")[0]:
+        raise SystemExit("--more-seeds: the two files' coder recipes differ")
+
+    def pooled(a: dict, b: dict) -> dict:
+        return against_bf16({k: spread(a[k]["values"] + b[k]["values"]) for k in a})
+
+    out = {
+        **result,
+        "downstream_test_fvu": pooled(result["downstream_test_fvu"], more["downstream_test_fvu"]),
+    }
+    probes = result.get("downstream_probe_f1", {})
+    out["downstream_probe_f1"] = {
+        task: pooled(probes[task], more["downstream_probe_f1"][task]) for task in probes
+    }
+    return out
+
+
 def markdown(result: dict) -> str:
     """The README's storage tables from a results file (nothing measured here)."""
     dtypes = list(result["bytes"])
@@ -539,7 +560,8 @@ def markdown(result: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
         lines.append(
-            "(in brackets: mean ± sd over seeds of the same-seed difference from bf16; "
+            f"(mean ± sd over {len(next(iter(fvu.values()))['values'])} seeds; in brackets: "
+            "mean ± sd over seeds of the same-seed difference from bf16; "
             "FVU relative to bf16's mean, F1 absolute)"
         )
     return "\n".join(lines) + "\n"
@@ -569,6 +591,9 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench/results/storage-cpu.json")
     parser.add_argument("--table", action="store_true", help="print --out as markdown; run nothing")
+    parser.add_argument(
+        "--more-seeds", type=Path, help="with --table: pool this file's downstream seeds in"
+    )
     return parser.parse_args()
 
 
@@ -688,7 +713,10 @@ def store_part(stores: dict, args: argparse.Namespace) -> dict:
 def main() -> None:
     args = arguments()
     if args.table:
-        print(markdown(json.loads(args.out.read_text())), end="")
+        result = json.loads(args.out.read_text())
+        if args.more_seeds:
+            result = pool_seeds(result, json.loads(args.more_seeds.read_text()))
+        print(markdown(result), end="")
         return
     if args.threads:  # one thread: a shared CPU stalls torch's OpenMP team at every barrier
         torch.set_num_threads(args.threads)
