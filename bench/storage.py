@@ -468,6 +468,8 @@ def pool_seeds(result: dict, more: dict) -> dict:
 
 def markdown(result: dict) -> str:
     """The README's storage tables from a results file (nothing measured here)."""
+    if "bytes" not in result:  # a downstream-only run: its second table alone
+        return downstream_markdown(result)
     dtypes = list(result["bytes"])
     lines = ["| | " + " | ".join(dtypes) + " |", "|---" * (len(dtypes) + 1) + "|"]
 
@@ -542,6 +544,12 @@ def markdown(result: dict) -> str:
             "planted crosscoder MMCS of the true features",
             [_cell(planted[f"crosscoder/{d}"], planted["crosscoder/bfloat16"], 4) for d in dtypes],
         )
+    return "\n".join(lines) + "\n\n" + downstream_markdown(result)
+
+
+def downstream_markdown(result: dict) -> str:
+    """The trained coders' table: test FVU and probe F1 per coder and store."""
+    lines: list[str] = []
     fvu = result.get("downstream_test_fvu")
     if fvu:
         probes = result.get("downstream_probe_f1", {})
