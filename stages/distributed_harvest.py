@@ -39,7 +39,7 @@ from pipeline.harvest.text_sources import load_documents
 from pipeline.harvest.windows import TokenWindows, build_windows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import StorePaths
-from pipeline.store.writer import StoreWriter, check_store_space
+from pipeline.store.writer import StoreWriter
 
 if TYPE_CHECKING:  # dask is imported only when a distributed harvest runs
     from distributed import Client, Future
@@ -194,8 +194,6 @@ def harvest_on_cluster(
             load_documents(manifest.text), info.tokenizer, manifest.tokenization
         )
         shape = (info.d_model, info.n_layers)
-        size = manifest.tokenization.num_tokens, len(info.hook_names), info.d_model
-        check_store_space(paths.root, *size, manifest.storage.dtype, "this harvest")
         writer = create_store(
             paths, manifest, material, manifest_source, windows, shape, info.hook_names
         )

@@ -179,8 +179,7 @@ def run(
     summary = json.loads(report.summary.read_text())
     atomic_write_json(paths.protocol_labels, labels)  # read by `pipeline collate`
     costs = {run_id(run_dirs[i]): run_cost(run_dirs[i]) for i in evaluated}
-    for row in summary["variants"]:
-        row["protocol"] = labels.get(row["run_dir"])
+    for row in summary["variants"]:  # each row holds its "protocol" label already (options)
         row["cost"] = costs.get(row["run_dir"])
     table = protocol_table(summary)
     for line in step_time_lines(summary):

@@ -34,7 +34,6 @@ from pipeline.store.locks import exclusive_lock
 from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import (
     StoreWriter,
-    check_store_space,
     disk_full_as_one_line,
     seal_store,
 )
@@ -56,13 +55,6 @@ def resolve_cache_root(manifest: HarvestManifest, cache_root: Path | None = None
     if manifest.run.cache_root:
         return Path(manifest.run.cache_root)
     return default_cache_root()
-
-
-def _check_disk(manifest: HarvestManifest, paths: StorePaths, n_hooks: int, d_model: int) -> None:
-    """Refuse before writing when the disk cannot hold the store (less what a killed
-    harvest already wrote), with the figure."""
-    spec = manifest.tokenization.num_tokens, n_hooks, d_model, manifest.storage.dtype
-    check_store_space(paths.root, *spec, "this harvest")
 
 
 def _replace_damaged(final: Path) -> None:
@@ -90,14 +82,12 @@ def _harvest_here(
         spec = manifest.model.planted_spec
         names = planted.hook_names(manifest)
         shape = (spec.d_model, spec.n_layers)
-        _check_disk(manifest, paths, len(names), spec.d_model)
         writer = create_store(paths, manifest, material, manifest_source, windows, shape, names)
         return writer, planted.write_planted_blocks(manifest, windows, writer)
     model = load_model(manifest.model, manifest.run.device)
     windows = build_windows(load_documents(manifest.text), model.tokenizer, manifest.tokenization)
     hook_names = model.hook_names(manifest.hooks)
     shape = (model.d_model, model.n_layers)
-    _check_disk(manifest, paths, len(hook_names), model.d_model)
     writer = create_store(paths, manifest, material, manifest_source, windows, shape, hook_names)
     return writer, harvest_blocks(model, windows, writer, hook_names, manifest)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
@@ -15,6 +16,11 @@ TINY = {
     "storage": {"chunk_tokens": 512},
     "run": {"progress": False},
 }
+
+
+def almost_full(monkeypatch) -> None:
+    """Every disk reports 1,000 bytes free (for the up-front disk checks)."""
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 1000))
 
 
 def harvest_tiny(cache_root: Path) -> Path:

@@ -17,6 +17,7 @@ from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import StoreWriter, estimate_store_bytes
 from stages import convert, harvest
 from tests.conftest import tiny_manifest_dict
+from tests.helpers import almost_full
 
 
 def manifest(dtype: str) -> HarvestManifest:
@@ -113,7 +114,7 @@ def test_convert_refuses_up_front_when_the_store_cannot_fit(bf16, tmp_path, monk
     real = sum(p.stat().st_size for p in done.path.rglob("*") if p.is_file())
     assert estimate_store_bytes(bf16.n_tokens, bf16.n_layers, bf16.d_model, "int8") >= real
     shutil.rmtree(done.path)
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 1000))
+    almost_full(monkeypatch)
     out = CliRunner().invoke(
         main, ["convert", bf16.key, "--dtype", "int8", "--cache-root", str(local)]
     )

@@ -18,6 +18,7 @@ from pipeline.harvest.cache_key import cache_key
 from stages import harvest
 from stages.distributed_harvest import plan_shards
 from tests.conftest import TINY_MANIFEST_FILE
+from tests.helpers import almost_full
 from tests.test_harvest import assert_same_store
 
 pytestmark = pytest.mark.slow  # worker processes import torch and load the model (~20 s)
@@ -107,11 +108,9 @@ def test_cluster_harvest_refuses_up_front_when_the_store_cannot_fit(
     cluster, tiny_manifest, tmp_path, monkeypatch
 ):
     """The coordinator checks the disk before any worker writes (a shared store root)."""
-    import shutil
-
     from pipeline.store.writer import DiskFullError
 
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 1000))
+    almost_full(monkeypatch)
     with pytest.raises(DiskFullError, match=r"this harvest \(uncompressed upper bound\) needs"):
         harvest.run(tiny_manifest(), tmp_path, scheduler=cluster.scheduler_address)
     assert not list(tmp_path.rglob("*.zarr")) and not list(tmp_path.rglob("zarr.json"))

@@ -24,7 +24,7 @@ from pipeline.store.catalog import find_run, list_runs
 from pipeline.store.reader import ActivationStore
 from pipeline.store.writer import StoreWriter
 from stages import train
-from tests.helpers import TINY
+from tests.helpers import TINY, almost_full
 from tests.test_faults import (
     assert_same_as_reference,
     cli_error,
@@ -361,11 +361,6 @@ def test_disk_full_in_training_is_one_line_and_resumes(
     monkeypatch.setattr(trainer, "save_training_state", original)
     assert retrain(tiny_store, tmp_path, monkeypatch).steps == 100
     assert_same_as_reference(root, reference)
-
-
-def almost_full(monkeypatch) -> None:
-    """Every disk reports 1,000 bytes free."""
-    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 0, 1000))
 
 
 def test_harvest_refuses_up_front_when_the_store_cannot_fit(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from pipeline.harvest.windows import TokenWindows
 from pipeline.manifests.harvest import HarvestManifest
 from pipeline.paths import StorePaths
 from pipeline.store.format import TORCH_STORAGE, atomic_write_json, atomic_write_parquet
-from pipeline.store.writer import StoreWriter
+from pipeline.store.writer import StoreWriter, check_store_space
 
 
 def _write_tables(paths: StorePaths, windows: TokenWindows) -> None:
@@ -140,10 +140,13 @@ def create_store(
     hashes the model file); ``model_shape`` is ``(d_model, n_layers)``. The distributed
     coordinator calls this too, before any worker writes a block. Nothing is created
     before the model and the text loaded, so a bad manifest leaves no empty partial store
-    behind.
+    behind, and nothing before the disk is known to hold the store (less what a killed
+    harvest already wrote): refused with the figure otherwise.
     """
-    paths.root.mkdir(parents=True, exist_ok=True)
     d_model, n_layers = model_shape
+    size = manifest.tokenization.num_tokens, len(hook_names), d_model, manifest.storage.dtype
+    check_store_space(paths.root, *size, "this harvest")
+    paths.root.mkdir(parents=True, exist_ok=True)
     _write_tables(paths, windows)
     atomic_write_json(
         paths.manifest,
